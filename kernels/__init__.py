@@ -1,0 +1,9 @@
+"""Kernels for the drafting step (shipped as ``dflash_vllm.kernels``).
+
+Each file holds a PyTorch reference ``<name>_ref``; the proposer calls the reference on CPU, where
+vLLM runs no Triton.
+"""
+
+from dflash_vllm.kernels.block_inputs import BlockInputs, block_inputs_ref
+
+__all__ = ["BlockInputs", "block_inputs_ref"]
