@@ -38,7 +38,7 @@ def validate_vllm_config(vllm_config) -> None:
         spec,
         target_hidden_size=model_config.get_hidden_size(),
         target_vocab_size=model_config.get_vocab_size(),
-        target_num_layers=int(getattr(text_config, "num_hidden_layers")),
+        target_num_layers=int(text_config.num_hidden_layers),
         num_speculative_tokens=spec_config.num_speculative_tokens,
     )
     if _target_supports_aux_hidden_states(model_config) is False:

@@ -1,0 +1,112 @@
+"""Run generate jobs on one vLLM engine in a fresh process and write their figures as JSON.
+
+Each mode (plain, built-in DFlash, plugin) gets its own process: the plugin's patches are applied
+per process at import, ``DFLASH_VLLM_DISABLE`` must be set before vLLM starts, and one engine's
+memory never leaks into the next one's timings.
+
+    python -m dflash_vllm.bench.engine_job SPEC.json OUT.json
+
+SPEC: ``{"env": {...}, "engine": {LLM kwargs}, "jobs": [{"name", "prompts", "sampling": {...},
+"max_tokens": [per-prompt, optional]}]}``. OUT: per job the token ids, texts, wall time and the
+deltas of vLLM's spec-decode counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SPEC_COUNTERS = {
+    "vllm:spec_decode_num_drafts": "num_drafts",
+    "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+}
+PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+
+
+class EngineJobError(RuntimeError):
+    pass
+
+
+def spec_counters(llm) -> dict[str, Any]:
+    out: dict[str, Any] = {v: 0 for v in SPEC_COUNTERS.values()}
+    out["accepted_per_pos"] = []
+    for metric in llm.get_metrics():
+        if metric.name in SPEC_COUNTERS:
+            out[SPEC_COUNTERS[metric.name]] += int(getattr(metric, "value", 0) or 0)
+        elif metric.name == PER_POS:
+            values = list(getattr(metric, "values", []) or [])
+            acc = out["accepted_per_pos"]
+            out["accepted_per_pos"] = [a + b for a, b in zip(acc + [0] * len(values), values, strict=False)] \
+                if acc else [int(v) for v in values]
+    return out
+
+
+def counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    delta = {k: after[k] - before[k] for k in SPEC_COUNTERS.values()}
+    prev = before["accepted_per_pos"] + [0] * (len(after["accepted_per_pos"]) - len(before["accepted_per_pos"]))
+    delta["accepted_per_pos"] = [a - b for a, b in zip(after["accepted_per_pos"], prev, strict=False)]
+    drafts = delta["num_drafts"]
+    delta["acceptance_length"] = 1 + delta["num_accepted_tokens"] / drafts if drafts else None
+    return delta
+
+
+def _run_jobs(spec: dict[str, Any]) -> dict[str, Any]:
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(**spec["engine"])
+    results = {"engine_start_s": time.perf_counter() - t0, "jobs": []}
+    for job in spec["jobs"]:
+        base = dict(job.get("sampling", {}))
+        per_prompt = job.get("max_tokens")
+        params = (
+            [SamplingParams(**{**base, "max_tokens": m}) for m in per_prompt]
+            if per_prompt else SamplingParams(**base)
+        )
+        before = spec_counters(llm)
+        t = time.perf_counter()
+        outputs = llm.generate(job["prompts"], params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+        results["jobs"].append({
+            "name": job.get("name", ""),
+            "wall_s": wall,
+            "num_output_tokens": sum(len(t) for t in token_ids),
+            "token_ids": token_ids,
+            "texts": [o.outputs[0].text for o in outputs],
+            "spec": counters_delta(before, spec_counters(llm)),
+        })
+    return results
+
+
+def run_engine_jobs(spec: dict[str, Any], *, timeout_s: float = 1800, log_path: str | Path | None = None) -> dict:
+    """Run ``spec`` in a fresh Python process; raise EngineJobError with the log's tail on failure."""
+    with tempfile.TemporaryDirectory(prefix="dflash-job-") as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps(spec))
+        env = {**os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()}}
+        log = Path(log_path) if log_path else Path(tmp) / "engine.log"
+        with open(log, "w") as fh:
+            proc = subprocess.run(
+                [sys.executable, "-m", "dflash_vllm.bench.engine_job", str(spec_file), str(out_file)],
+                env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s, check=False,
+            )
+        if proc.returncode != 0 or not out_file.exists():
+            tail = log.read_text(errors="replace")[-6000:]
+            raise EngineJobError(f"engine process exited with {proc.returncode}; log tail:\n{tail}")
+        return json.loads(out_file.read_text())
+
+
+if __name__ == "__main__":
+    spec_path, out_path = sys.argv[1], sys.argv[2]
+    result = _run_jobs(json.loads(Path(spec_path).read_text()))
+    tmp_out = Path(out_path).with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(result))
+    tmp_out.replace(out_path)  # atomic: a reader never sees half a file

@@ -1,0 +1,60 @@
+import torch
+from dflash_vllm.kernels import block_inputs_ref
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def explicit(qsl, rejected, positions, next_ids, table, seq_lens, kv_block, mask_id, k):
+    """Per-request, per-position construction straight from the definition."""
+    ids, pos, slots, ctx_slots, sample = [], [], [], [], []
+    slot = lambda r, p: int(table[r][min(p // kv_block, len(table[r]) - 1)]) * kv_block + p % kv_block  # noqa: E731
+    for r in range(len(next_ids)):
+        for t in range(qsl[r], qsl[r + 1]):
+            ctx_slots.append(slot(r, positions[t]))
+        start = seq_lens[r] - (rejected[r] if rejected is not None else 0)
+        for j in range(1 + k):
+            ids.append(next_ids[r] if j == 0 else mask_id)
+            pos.append(start + j)
+            slots.append(slot(r, start + j))
+            if j:
+                sample.append(r * (1 + k) + j)
+    return ids, pos, slots, ctx_slots, sample
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_block_inputs_match_definition(data):
+    num_reqs = data.draw(st.integers(1, 5))
+    k = data.draw(st.integers(1, 9))
+    kv_block = data.draw(st.sampled_from([1, 4, 16]))
+    with_rejected = data.draw(st.booleans())
+    qlens, seq_lens, rejected, positions = [], [], [], []
+    for _ in range(num_reqs):
+        n = data.draw(st.integers(1, 12))
+        seq = data.draw(st.integers(n, 60))
+        rej = data.draw(st.integers(0, min(n - 1, k))) if with_rejected else 0
+        qlens.append(n)
+        seq_lens.append(seq)
+        rejected.append(rej)
+        positions.extend(range(seq - n, seq))
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    max_blocks = (max(seq_lens) + k + 1) // kv_block + 1
+    table = [data.draw(st.lists(st.integers(0, 50), min_size=max_blocks, max_size=max_blocks)) for _ in range(num_reqs)]
+    next_ids = [data.draw(st.integers(0, 99)) for _ in range(num_reqs)]
+    got = block_inputs_ref(
+        torch.tensor(qsl, dtype=torch.int32),
+        torch.tensor(rejected, dtype=torch.int32) if with_rejected else None,
+        torch.tensor(positions, dtype=torch.int64),
+        torch.tensor(next_ids, dtype=torch.int32),
+        torch.tensor(table, dtype=torch.int32),
+        torch.tensor(seq_lens, dtype=torch.int32),
+        kv_block, 123, k,
+    )
+    want = explicit(qsl, rejected if with_rejected else None, positions, next_ids, table, seq_lens, kv_block, 123, k)
+    assert got.input_ids.tolist() == want[0]
+    assert got.positions.tolist() == want[1]
+    assert got.slot_mapping.tolist() == want[2]
+    assert got.context_slot_mapping.tolist() == want[3]
+    assert got.sample_indices.tolist() == want[4]
