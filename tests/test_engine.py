@@ -20,6 +20,10 @@ GREEDY = {"name": "greedy", "prompts": PROMPTS, "sampling": {"temperature": 0.0}
 PROPOSER_LINE = "DFlash proposer active"
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def _sampled(name, seed):
     return {"name": name, "prompts": PROMPTS[:4],
             "sampling": {"temperature": 0.9, "top_p": 0.95, "seed": seed, "max_tokens": 40}}
@@ -63,7 +67,7 @@ def test_greedy_identical_to_plain_decoding(runs, mode):
     got = runs[mode]["jobs"]["greedy"]["token_ids"]
     assert [len(t) for t in plain] != [len(plain[0])] * len(plain), "requests should end at different steps"
     for i, (a, b) in enumerate(zip(plain, got, strict=True)):
-        assert a == b, f"prompt {i}: first difference at token {next(j for j, (x, y) in enumerate(zip(a, b)) if x != y) if a[:len(b)] != b[:len(a)] else min(len(a), len(b))}"
+        assert a == b, f"prompt {i}: first difference at token {first_difference(a, b)}"
 
 
 def test_acceptance_counts_equal_builtin(runs):
