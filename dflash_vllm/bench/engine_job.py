@@ -37,6 +37,8 @@ class EngineJobError(RuntimeError):
 def spec_counters(llm) -> dict[str, Any]:
     out: dict[str, Any] = {v: 0 for v in SPEC_COUNTERS.values()}
     out["accepted_per_pos"] = []
+    if not llm.llm_engine.log_stats:  # stats disabled: no counters to read
+        return out
     for metric in llm.get_metrics():
         if metric.name in SPEC_COUNTERS:
             out[SPEC_COUNTERS[metric.name]] += int(getattr(metric, "value", 0) or 0)
@@ -80,6 +82,7 @@ def _run_jobs(spec: dict[str, Any]) -> dict[str, Any]:
             "wall_s": wall,
             "num_output_tokens": sum(len(t) for t in token_ids),
             "token_ids": token_ids,
+            "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
             "texts": [o.outputs[0].text for o in outputs],
             "spec": counters_delta(before, spec_counters(llm)),
         })

@@ -1,0 +1,1 @@
+"""Training DFlash drafters for any Hugging Face causal LM target (``dflash-vllm train``)."""
