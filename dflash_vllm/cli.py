@@ -34,6 +34,60 @@ def _eval_drafter(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from dflash_vllm.bench.report import print_table, write_json, write_plot
+    from dflash_vllm.bench.runner import MODES, BenchConfig, run_bench
+    from dflash_vllm.demo import shipped_pair
+    from dflash_vllm.training.data import read_prompts
+
+    pair = shipped_pair()
+    target = args.target or (str(pair[0]) if pair else None)
+    drafter = args.drafter or (str(pair[1]) if pair else None)
+    if not target or not drafter:
+        print("dflash-vllm bench: no --target/--drafter given and no demo pair shipped in this install", file=sys.stderr)
+        return 2
+    prompts_file = args.prompts or (str(Path(pair[0]).parent / "eval_prompts.jsonl") if pair else None)
+    if not prompts_file:
+        print("dflash-vllm bench: pass --prompts FILE.jsonl", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer
+
+    prompts = read_prompts(prompts_file, AutoTokenizer.from_pretrained(target))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        print(f"dflash-vllm bench: unknown modes {bad}; choose from {list(MODES)}", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(target=target, drafter=drafter, prompts=prompts, modes=modes,
+                      concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps,
+                      temperature=args.temperature, max_tokens=args.max_tokens,
+                      num_speculative_tokens=args.num_speculative_tokens, compile=not args.no_compile)
+    from rich.progress import Progress
+
+    with Progress() as progress:
+        task = progress.add_task("bench", total=len(modes))
+        done = []
+
+        def step(mode):
+            if done:
+                progress.advance(task)
+            done.append(mode)
+            progress.update(task, description=f"bench: {mode} engine ({len(done)}/{len(modes)})")
+
+        results = run_bench(cfg, log_dir=args.log_dir, progress=step)
+        progress.advance(task)
+    print_table(results)
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.plot and results["modes"]:
+        write_plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 1 if results["errors"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dflash-vllm", description="DFlash speculative decoding for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-anchors", type=int)
     train.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoint.pt")
     train.set_defaults(func=_train)
+
+    bench = sub.add_parser("bench", help="side-by-side benchmark: plain decoding, vLLM's built-in DFlash, plugin")
+    bench.add_argument("--target", help="default: the shipped demo pair")
+    bench.add_argument("--drafter")
+    bench.add_argument("--prompts", help="jsonl of {\"prompt\"} or {\"messages\"} (default: demo held-out prompts)")
+    bench.add_argument("--modes", default="baseline,builtin,plugin")
+    bench.add_argument("--concurrency", default="1,4,16,64")
+    bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--max-tokens", type=int, default=128)
+    bench.add_argument("--num-speculative-tokens", type=int, default=None, help="default: block_size - 1")
+    bench.add_argument("--no-compile", action="store_true", help="eager engines (faster start, for smoke runs)")
+    bench.add_argument("--json", help="write every raw figure and machine info here")
+    bench.add_argument("--plot", help="write tokens/s and per-position acceptance plots here (PNG)")
+    bench.add_argument("--log-dir", help="keep each engine's log here")
+    bench.set_defaults(func=_bench)
 
     ev = sub.add_parser("eval-drafter", help="tau and per-position acceptance with the pure-PyTorch reference")
     ev.add_argument("--target", required=True)

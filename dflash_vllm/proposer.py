@@ -20,6 +20,7 @@ buffers, probabilistic draft sampling) comes from vLLM's ``SpecDecodeBasePropose
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
@@ -37,6 +38,10 @@ from dflash_vllm.kernels import block_inputs_ref
 from dflash_vllm.options import parse_options
 
 logger = init_logger("vllm.dflash_vllm.proposer")
+
+# Debugging aid (and the cross-side convention test): save the first step's target tokens, positions
+# and drafter features (target_layer_ids order) to this path.
+DUMP_FEATURES_ENV = "DFLASH_VLLM_DUMP_FEATURES"
 
 
 def feature_columns(target_layer_ids: tuple[int, ...], hidden_size: int) -> torch.Tensor | None:
@@ -70,6 +75,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self.mask_token_id = self.spec.mask_token_id
         cols = feature_columns(self.spec.target_layer_ids, vllm_config.model_config.get_hidden_size())
         self._feature_columns = None if cols is None else cols.to(device)
+        self._dump_path = os.environ.get(DUMP_FEATURES_ENV)
         logger.info(
             "dflash-vllm %s: DFlash proposer active (block_size=%d, num_speculative_tokens=%d, "
             "target_layer_ids=%s)",
@@ -128,7 +134,12 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
 
         # KV injection for every target token of the step (also when no drafts are wanted:
         # the next step's blocks attend to this context).
-        context = self.model.fuse_context(self._features(target_hidden_states))
+        features = self._features(target_hidden_states)
+        if self._dump_path:
+            torch.save({"token_ids": target_token_ids.cpu(), "positions": target_positions.cpu(),
+                        "features": features.float().cpu()}, self._dump_path)
+            self._dump_path = None
+        context = self.model.fuse_context(features)
         inputs = block_inputs_ref(
             cad.query_start_loc, num_rejected_tokens_gpu, target_positions, next_token_ids,
             cad.block_table_tensor, cad.seq_lens, self.block_size, self.mask_token_id, k,

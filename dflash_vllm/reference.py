@@ -127,7 +127,7 @@ def evaluate(target_dir: str | Path, drafter_dir: str | Path, prompts: list[str]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(target_dir))
-    target = AutoModelForCausalLM.from_pretrained(str(target_dir), torch_dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float32).eval()
     drafter = load_drafter(drafter_dir)
     stats = [
         speculative_generate(target, drafter, tok(p)["input_ids"], max_new_tokens, num_drafts, tok.eos_token_id)

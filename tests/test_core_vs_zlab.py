@@ -13,7 +13,7 @@ from dflash_vllm.models.core import DFlashDrafter, DrafterConfig
 def drafters(tiny_pair):
     from dflash.model import DFlashDraftModel
 
-    zlab = DFlashDraftModel.from_pretrained(str(tiny_pair.drafter), torch_dtype=torch.float32).eval()
+    zlab = DFlashDraftModel.from_pretrained(str(tiny_pair.drafter), dtype=torch.float32).eval()
     cfg = DrafterConfig.from_hf_dict(json.loads((tiny_pair.drafter / "config.json").read_text()))
     ours = DFlashDrafter(cfg).eval()
     ours.load_state_dict(load_file(str(tiny_pair.drafter / "model.safetensors")))

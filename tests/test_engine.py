@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from dflash_vllm.bench.engine_job import run_engine_jobs
+from dflash_vllm.proposer import DUMP_FEATURES_ENV
 
 from .conftest import PROMPTS, engine_kwargs
 
@@ -46,7 +47,8 @@ def runs(tiny_pair, tmp_path_factory):
         "plugin": _run(tmp, "plugin", engine_kwargs(t, d, num_speculative_tokens=K), [
             GREEDY, {**GREEDY, "name": "greedy_again"},
             _sampled("sampled_a", 1234), _sampled("sampled_b", 1234), _sampled("sampled_c", 99),
-        ]),
+        ], env={DUMP_FEATURES_ENV: str(tmp / "features.pt")}),
+        "features": tmp / "features.pt",
         "plugin_no_prefix_cache": _run(tmp, "plugin_npc", engine_kwargs(t, d, num_speculative_tokens=K,
                                                                            prefix_caching=False), [GREEDY]),
         "builtin": _run(tmp, "builtin", engine_kwargs(t, d, num_speculative_tokens=K), [GREEDY],
@@ -99,3 +101,24 @@ def test_sampling_runs_within_vocabulary(runs, tiny_pair):
 def test_sampling_reproducible_with_seed(runs):
     jobs = runs["plugin"]["jobs"]
     assert jobs["sampled_a"]["token_ids"] == jobs["sampled_b"]["token_ids"]
+
+
+def test_proposer_features_equal_trainer_features(runs, tiny_pair):
+    """The target-layer convention from both sides: the features vLLM hands our proposer for the
+    first step (all prompt tokens) equal those the trainer takes from the HF target."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dflash_vllm.checkpoint import parse_draft_spec
+    from dflash_vllm.checkpoint import read_config as read
+    from dflash_vllm.reference import target_features
+
+    dump = torch.load(runs["features"])
+    layer_ids = parse_draft_spec(read(tiny_pair.drafter)).target_layer_ids
+    target = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), dtype=torch.float32).eval()
+    starts = (dump["positions"] == 0).nonzero().flatten().tolist() + [len(dump["positions"])]
+    assert len(starts) - 1 >= 2, "expected several prompts in the first step"
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        with torch.no_grad():
+            _, feats = target_features(target, dump["token_ids"][a:b][None].long(), layer_ids)
+        torch.testing.assert_close(dump["features"][a:b], feats[0], rtol=1e-4, atol=1e-4)

@@ -8,7 +8,7 @@ from dflash_vllm.reference import greedy_generate, load_drafter, speculative_gen
 def models(tiny_pair):
     from transformers import AutoModelForCausalLM
 
-    target = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), torch_dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(str(tiny_pair.target), dtype=torch.float32).eval()
     return target, load_drafter(tiny_pair.drafter)
 
 
@@ -28,7 +28,7 @@ def test_matches_zlab_dflash_generate(models, tiny_pair):
     from dflash.model import DFlashDraftModel, dflash_generate
 
     target, drafter = models
-    zlab = DFlashDraftModel.from_pretrained(str(tiny_pair.drafter), torch_dtype=torch.float32).eval()
+    zlab = DFlashDraftModel.from_pretrained(str(tiny_pair.drafter), dtype=torch.float32).eval()
     zm._cuda_time = lambda: __import__("time").perf_counter()  # its stats path syncs CUDA
     prompt = [5, 17, 99, 3, 250]
     out = dflash_generate(zlab, target, torch.tensor([prompt]), 30, None, return_stats=True)

@@ -17,6 +17,7 @@ class TrainConfig:
     prompts: str = ""  # jsonl: {"prompt": ...} or {"messages": [...]} per line
     # drafter shape (width, heads, head_dim follow the target; the drafter shares its embedding)
     num_draft_layers: int = 5
+    hidden_size: int | None = None  # must equal the target's if given (the embedding is shared)
     intermediate_size: int | None = None  # default: the target's
     block_size: int = 16
     target_layer_ids: list[int] | None = None  # default: spread from 1 to L-3 (z-lab)

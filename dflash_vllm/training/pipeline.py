@@ -12,19 +12,24 @@ from dflash_vllm.training.config import TrainConfig
 
 def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from dflash_vllm.checkpoint import DFlashConfigError
     from dflash_vllm.training.data import atomic_write_text, read_prompts, regenerate
     from dflash_vllm.training.export import export_drafter
-    from dflash_vllm.training.trainer import choose_mask_token_id, train_drafter
+    from dflash_vllm.training.trainer import choose_mask_token_id, drafter_config_for, train_drafter
 
     out_dir = Path(cfg.out_dir)
+    # Every check before anything is written: a bad run leaves no half-made out_dir behind.
     tok = AutoTokenizer.from_pretrained(cfg.target)
+    target_config = AutoConfig.from_pretrained(cfg.target)
     prompts = read_prompts(cfg.prompts, tok, cfg.max_prompts)
     held_out = prompts[len(prompts) - cfg.eval_prompts:] if cfg.eval_prompts else []
     train_prompts = prompts[: len(prompts) - len(held_out)]
     if not train_prompts:
-        raise ValueError(f"eval_prompts={cfg.eval_prompts} leaves no training prompt out of {len(prompts)}")
+        raise DFlashConfigError(f"eval_prompts={cfg.eval_prompts} leaves no training prompt out of {len(prompts)}")
+    mask_id = choose_mask_token_id(cfg, target_config.vocab_size, len(tok))
+    drafter_config_for(target_config, cfg, mask_id)
     report: dict = {"config": cfg.to_dict(), "stages": {}}
 
     t = time.perf_counter()
@@ -35,8 +40,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, log=print) -> dict:
                                       "tokens": sum(len(s) for s in seqs)}
     log(f"data: {len(seqs)} sequences, {sum(len(s) for s in seqs)} tokens ({gen_s:.0f} s)")
 
-    target = AutoModelForCausalLM.from_pretrained(cfg.target, torch_dtype=torch.float32)
-    mask_id = choose_mask_token_id(cfg, target.config.vocab_size, len(tok))
+    target = AutoModelForCausalLM.from_pretrained(cfg.target, dtype=torch.float32)
     log(f"mask token id: {mask_id} ({'given' if cfg.mask_token_id is not None else 'first unused embedding row'})")
     drafter, stats = train_drafter(cfg, seqs, target, mask_id, resume=resume, log=log)
     report["stages"]["train"] = stats

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dflash_vllm.checkpoint import DFlashConfigError, build_target_layer_ids, feature_index
+from dflash_vllm.checkpoint import DFlashConfigError, build_target_layer_ids
 from dflash_vllm.models.core import DFlashDrafter, DrafterConfig
+from dflash_vllm.reference import target_features
 from dflash_vllm.training.config import TrainConfig
 from dflash_vllm.training.masks import block_attention_mask, block_inputs, position_weights, sample_anchors
 
@@ -44,6 +45,12 @@ def choose_mask_token_id(cfg: TrainConfig, vocab_size: int, tokenizer_len: int) 
 
 
 def drafter_config_for(target_config, cfg: TrainConfig, mask_token_id: int) -> DrafterConfig:
+    if cfg.hidden_size is not None and cfg.hidden_size != target_config.hidden_size:
+        raise DFlashConfigError(
+            f"training config: hidden_size={cfg.hidden_size} differs from the target's hidden_size="
+            f"{target_config.hidden_size}; a DFlash drafter shares the target's embedding and LM head, so its "
+            "width is the target's: drop hidden_size from the config"
+        )
     n_layers = target_config.num_hidden_layers
     ids = cfg.target_layer_ids or build_target_layer_ids(n_layers, cfg.num_draft_layers)
     if any(not 0 <= i < n_layers for i in ids):
@@ -74,8 +81,7 @@ def drafter_loss(target, drafter: DFlashDrafter, tokens: torch.Tensor, lengths: 
     cfg = drafter.cfg
     n, t = tokens.shape
     with torch.no_grad():
-        out = target(input_ids=tokens, output_hidden_states=True, use_cache=False)
-        features = torch.cat([out.hidden_states[feature_index(i)] for i in cfg.target_layer_ids], dim=-1)
+        _, features = target_features(target, tokens, cfg.target_layer_ids)
         ids, positions, labels = block_inputs(tokens, anchors, cfg.block_size, cfg.mask_token_id, lengths)
         block_embeds = target.get_input_embeddings()(ids)
         mask = block_attention_mask(anchors, t, cfg.block_size)
@@ -110,8 +116,12 @@ def _save_checkpoint(path: Path, **state) -> None:
 
 
 def train_drafter(cfg: TrainConfig, sequences: list[list[int]], target, mask_token_id: int,
-                  resume: bool = False, log=print) -> tuple[DFlashDrafter, dict]:
-    """Train on ``sequences`` (token ids); checkpoints to ``out_dir/checkpoint.pt``. Returns the drafter and stats."""
+                  resume: bool = False, log=print, stop_after: int | None = None) -> tuple[DFlashDrafter, dict]:
+    """Train on ``sequences`` (token ids); checkpoints to ``out_dir/checkpoint.pt``. Returns the drafter and stats.
+
+    ``stop_after``: leave after that many steps of this call (checkpointed), for time-boxed sessions;
+    ``resume=True`` later continues exactly where it stopped (optimizer, schedule and anchor RNG restored).
+    """
     from tqdm import tqdm
 
     out_dir = Path(cfg.out_dir)
@@ -121,6 +131,7 @@ def train_drafter(cfg: TrainConfig, sequences: list[list[int]], target, mask_tok
         p.requires_grad_(False)
     target.eval()
     dcfg = drafter_config_for(target.config, cfg, mask_token_id)
+    torch.manual_seed(cfg.seed)
     drafter = DFlashDrafter(dcfg)
     sequences = [s[: cfg.max_length] for s in sequences if len(s) >= 3]
     if not sequences:
@@ -131,7 +142,7 @@ def train_drafter(cfg: TrainConfig, sequences: list[list[int]], target, mask_tok
     warmup = max(1, int(cfg.warmup_ratio * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))))
-    step = 0
+    step, resumed_rng = 0, None
     ckpt = out_dir / "checkpoint.pt"
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
@@ -139,6 +150,7 @@ def train_drafter(cfg: TrainConfig, sequences: list[list[int]], target, mask_tok
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
+        resumed_rng = state.get("anchor_rng")
         log(f"resumed from {ckpt} at step {step}/{total}")
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available())
     weights = position_weights(cfg.block_size, cfg.loss_gamma)
@@ -146,6 +158,9 @@ def train_drafter(cfg: TrainConfig, sequences: list[list[int]], target, mask_tok
     if isinstance(pad_id, list):
         pad_id = pad_id[0]
     gen = torch.Generator().manual_seed(cfg.seed)
+    if resumed_rng is not None:
+        gen.set_state(resumed_rng)
+    first_step = step
     log_file = open(out_dir / "train_log.jsonl", "a")  # noqa: SIM115
     bar = tqdm(total=total, initial=step, desc="train drafter", unit="step")
     t0, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
@@ -169,14 +184,20 @@ def train_drafter(cfg: TrainConfig, sequences: list[list[int]], target, mask_tok
             tps = tokens_seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:.0f}")
             bar.update(1)
-            if step % 10 == 0 or step == total:
+            if step % 10 == 0 or step in (1, total):
                 log_file.write(json.dumps({"step": step, "epoch": epoch, "loss": last_loss,
                                            "lr": sched.get_last_lr()[0], "tokens_per_s": tps}) + "\n")
                 log_file.flush()
-            if step % cfg.checkpoint_every == 0 or step == total:
+            stopping = stop_after is not None and step - first_step >= stop_after
+            if step % cfg.checkpoint_every == 0 or step == total or stopping:
                 _save_checkpoint(ckpt, drafter=drafter.state_dict(), optimizer=opt.state_dict(),
                                  scheduler=sched.state_dict(), step=step, config=cfg.to_dict(),
-                                 drafter_config=dcfg.to_hf_dict())
+                                 drafter_config=dcfg.to_hf_dict(), anchor_rng=gen.get_state())
+            if stopping:
+                break
+        else:
+            continue
+        break  # stop_after reached inside the epoch: leave the epoch loop too
     bar.close()
     log_file.close()
     drafter.eval()

@@ -1,0 +1,120 @@
+"""``dflash-vllm bench``: plain decoding (``baseline``), vLLM's built-in DFlash (``builtin``) and this
+plugin (``plugin``) on the same prompts and sampling, each mode in its own engine process.
+
+For each mode, one engine runs a warm-up and then, per concurrency ``c``, ``reps`` batches of ``c``
+requests (offline ``LLM.generate``; repetition ``r`` takes prompts ``r*c .. r*c+c-1``, cycling, the
+same ones in every mode). Ratios between modes are taken per repetition pair, then their median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dflash_vllm.bench.engine_job import EngineJobError, run_engine_jobs
+from dflash_vllm.bench.stats import job_figures, pairwise_ratios, summarize_mode
+
+MODES = ("baseline", "builtin", "plugin")
+
+
+@dataclass
+class BenchConfig:
+    target: str
+    drafter: str
+    prompts: list[str]
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
+    reps: int = 3
+    temperature: float = 0.0
+    max_tokens: int = 128
+    num_speculative_tokens: int | None = None
+    compile: bool = True  # vLLM's default compilation, as users run it
+    max_model_len: int = 1024
+    kv_cache_bytes: int = 1 << 30
+    extra_engine_args: dict = field(default_factory=dict)
+
+
+def machine_info() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+        import vllm
+
+        info.update(torch=torch.__version__, vllm=vllm.__version__)
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - machine info is best effort
+        pass
+    from dflash_vllm import __version__
+
+    info["dflash_vllm"] = __version__
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent, check=False).stdout.strip() or None
+    except OSError:
+        info["commit"] = None
+    return info
+
+
+def engine_spec(cfg: BenchConfig, mode: str) -> dict:
+    k = cfg.num_speculative_tokens
+    if mode != "baseline" and not (Path(cfg.drafter) / "config.json").is_file():
+        raise ValueError(f"mode {mode}: drafter {cfg.drafter!r} has no config.json; pass --drafter DIR "
+                         "(a DFlash drafter in the z-lab layout)")
+    if k is None and mode != "baseline":
+        k = json.loads((Path(cfg.drafter) / "config.json").read_text()).get("block_size", 16) - 1
+    engine = {"model": cfg.target, "dtype": "float32", "max_model_len": cfg.max_model_len, "seed": 0,
+              "kv_cache_memory_bytes": cfg.kv_cache_bytes, "disable_log_stats": False,
+              "max_num_seqs": max(cfg.concurrency), **cfg.extra_engine_args}
+    if not cfg.compile:
+        engine["compilation_config"] = {"mode": 0}
+    if mode != "baseline":
+        engine["speculative_config"] = {"method": "dflash", "model": cfg.drafter, "num_speculative_tokens": k}
+    sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "ignore_eos": True, "seed": 0}
+    jobs = [{"name": "warmup", "prompts": cfg.prompts[: min(4, len(cfg.prompts))],
+             "sampling": {**sampling, "max_tokens": 16}}]
+    for c in cfg.concurrency:
+        for r in range(cfg.reps):
+            prompts = [cfg.prompts[(r * c + i) % len(cfg.prompts)] for i in range(c)]
+            jobs.append({"name": f"c{c}_r{r}", "prompts": prompts, "sampling": sampling})
+    env = {"DFLASH_VLLM_DISABLE": "1"} if mode == "builtin" else {"DFLASH_VLLM_DISABLE": "0"}
+    return {"engine": engine, "jobs": jobs, "env": env}
+
+
+def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None) -> dict:
+    """Run every mode; a mode that fails is recorded under ``errors`` and the others still run."""
+    results: dict = {"machine": machine_info(), "config": {**asdict(cfg), "prompts": len(cfg.prompts)},
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "modes": {}, "ratios": {}, "errors": {}}
+    for mode in cfg.modes:
+        if progress:
+            progress(mode)
+        log = Path(log_dir) / f"bench-{mode}.log" if log_dir else None
+        try:
+            out = run_engine_jobs(engine_spec(cfg, mode), log_path=log, timeout_s=3600)
+        except (EngineJobError, OSError, ValueError) as err:
+            results["errors"][mode] = str(err)[-3000:]
+            continue
+        jobs = {j["name"]: j for j in out["jobs"]}
+        results["modes"][mode] = {"engine_start_s": out["engine_start_s"], "by_concurrency": {
+            str(c): summarize_mode([job_figures(jobs[f"c{c}_r{r}"], c) for r in range(cfg.reps)])
+            for c in cfg.concurrency}}
+    for num, den in (("plugin", "baseline"), ("plugin", "builtin"), ("builtin", "baseline")):
+        if num in results["modes"] and den in results["modes"]:
+            results["ratios"][f"{num}/{den}"] = {
+                str(c): pairwise_ratios(
+                    [r["tokens_per_s"] for r in results["modes"][num]["by_concurrency"][str(c)]["reps"]],
+                    [r["tokens_per_s"] for r in results["modes"][den]["by_concurrency"][str(c)]["reps"]])
+                for c in cfg.concurrency}
+    return results

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from dflash_vllm.bench.stats import acceptance_histogram, pairwise_ratios
+
+
+def test_pairwise_ratios_cancel_drift():
+    # The machine slows down 2x between rep 0 and rep 1; both modes see it.
+    plugin, baseline = [200.0, 100.0, 150.0], [100.0, 50.0, 75.0]
+    r = pairwise_ratios(plugin, baseline)
+    assert r["per_rep"] == [2.0, 2.0, 2.0] and r["median"] == 2.0
+    # a ratio of medians would not be taken pair by pair: different numbers, same median here
+    r2 = pairwise_ratios([10.0, 30.0, 20.0], [10.0, 10.0, 40.0])
+    assert r2["per_rep"] == [1.0, 3.0, 0.5] and r2["median"] == 1.0
+
+
+def test_acceptance_histogram_from_prefix_counts():
+    # 10 drafts, K=3: 6 accepted position 1, 3 of those position 2, 1 all three
+    assert acceptance_histogram(10, [6, 3, 1]) == [4, 3, 2, 1]
+    assert sum(acceptance_histogram(10, [6, 3, 1])) == 10
+
+
+@pytest.mark.engine
+def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
+    from PIL import Image
+
+    from dflash_vllm.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["def f(x):", "import os\n", "x = 1"]))
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "--target", str(tiny_pair.target), "--drafter", str(tiny_pair.drafter),
+               "--prompts", str(prompts), "--concurrency", "1,2", "--max-tokens", "16", "--reps", "2",
+               "--no-compile", "--json", str(out_json), "--plot", str(out_png)])
+    assert rc == 0
+    res = json.loads(out_json.read_text())
+    assert set(res["modes"]) == {"baseline", "builtin", "plugin"} and not res["errors"]
+    for mode in res["modes"].values():
+        for c in ("1", "2"):
+            fig = mode["by_concurrency"][c]
+            assert fig["tokens_per_s"] > 0 and fig["tpot_ms"] > 0 and len(fig["reps"]) == 2
+    assert res["modes"]["plugin"]["by_concurrency"]["2"]["tau"] >= 1.0
+    assert len(res["modes"]["plugin"]["by_concurrency"]["1"]["per_position_acceptance"]) == 7
+    assert set(res["ratios"]) >= {"plugin/baseline", "plugin/builtin"}
+    assert len(res["ratios"]["plugin/baseline"]["2"]["per_rep"]) == 2
+    assert {"cpu", "vllm", "torch", "commit"} <= set(res["machine"])
+    with Image.open(out_png) as img:
+        assert img.size[0] > 400
+
+
+@pytest.mark.engine
+def test_bench_reports_a_mode_that_cannot_start(tiny_pair, tmp_path):
+    from dflash_vllm.bench.runner import BenchConfig, run_bench
+
+    cfg = BenchConfig(target=str(tiny_pair.target), drafter=str(tmp_path / "missing"), prompts=["x = 1"],
+                      modes=["baseline", "plugin"], concurrency=[1], reps=1, max_tokens=4, compile=False)
+    res = run_bench(cfg)
+    assert "baseline" in res["modes"] and res["modes"]["baseline"]["by_concurrency"]["1"]["tokens_per_s"] > 0
+    assert "plugin" not in res["modes"]
+    assert "missing" in res["errors"]["plugin"] and "config.json" in res["errors"]["plugin"]

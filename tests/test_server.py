@@ -1,0 +1,112 @@
+"""The OpenAI-compatible server end to end: ``vllm serve`` with the plugin on a loopback port,
+the real ``openai`` client, texts equal to a server without speculative decoding at T=0."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def vllm_server(target, drafter=None, log_path=None, timeout_s=300):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(target), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
+           "--kv-cache-memory-bytes", str(256 * 2**20), "--compilation-config", '{"mode": 0}', "--seed", "0"]
+    if drafter is not None:
+        cmd += ["--speculative-config", json.dumps({"method": "dflash", "model": str(drafter),
+                                                    "num_speculative_tokens": 7})]
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}; see {log_path}")
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm serve not healthy after {timeout_s} s; see {log_path}")
+            time.sleep(1)
+        yield base
+    finally:  # stopped however the test ends
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        if log is not subprocess.DEVNULL:
+            log.close()
+
+
+def _accepted(base: str) -> float:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:spec_decode_num_drafts") and not line.startswith("#"))
+
+
+PROMPTS = ["def encode(self, o):\n", "import json\n\n", "class TextWrapper:\n"]
+CHAT = [{"role": "user", "content": "Write a function that adds two numbers."}]
+
+
+def _exchange(base: str, target) -> dict:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key="none")
+    model = str(target)
+    out = {"completions": [client.completions.create(model=model, prompt=p, max_tokens=40, temperature=0).choices[0].text
+                           for p in PROMPTS]}
+    out["chat"] = client.chat.completions.create(model=model, messages=CHAT, max_tokens=40,
+                                                 temperature=0).choices[0].message.content
+    stream = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=40, temperature=0, stream=True)
+    out["stream"] = "".join(chunk.choices[0].text for chunk in stream)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exchanges(tiny_pair, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("server")
+    with vllm_server(tiny_pair.target, log_path=tmp / "plain.log") as base:
+        plain = _exchange(base, tiny_pair.target)
+    with vllm_server(tiny_pair.target, tiny_pair.drafter, log_path=tmp / "plugin.log") as base:
+        before = _accepted(base)
+        ours = _exchange(base, tiny_pair.target)
+        after = _accepted(base)
+    return plain, ours, before, after, (tmp / "plugin.log").read_text(errors="replace")
+
+
+def test_server_texts_equal_plain(exchanges):
+    plain, ours, *_ = exchanges
+    assert ours["completions"] == plain["completions"]
+    assert ours["chat"] == plain["chat"]
+    assert ours["stream"] == plain["stream"] == plain["completions"][0]
+
+
+def test_server_runs_plugin_and_counts_drafts(exchanges):
+    *_, before, after, log = exchanges
+    assert "DFlash proposer active" in log
+    assert after > before
