@@ -47,8 +47,9 @@ def _corpus(max_chars: int) -> list[str]:
     return texts
 
 
-def train_tokenizer(out_dir: Path, vocab_size: int, texts: list[str]) -> int:
-    """Byte-level BPE on ``texts``; writes tokenizer.json + tokenizer_config.json; returns its size."""
+def train_tokenizer(out_dir: Path, vocab_size: int, texts) -> int:
+    """Byte-level BPE on ``texts`` (an iterable of strings); writes tokenizer.json, tokenizer_config.json
+    and a chat template; returns its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dflash_vllm.testing import CHAT_TEMPLATE, EOS  # noqa: E402
+from dflash_vllm.testing import train_tokenizer  # noqa: E402
 from dflash_vllm.training.data import atomic_write_text  # noqa: E402
 
 SEED = 0
@@ -63,18 +63,7 @@ def stage_tokenizer(work: Path, train: list[Path]) -> None:
     out = work / "target"
     if (out / "tokenizer.json").is_file():
         return
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 1, special_tokens=[EOS], show_progress=True,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((read(p) for p in train), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(out))
+    train_tokenizer(out, VOCAB - 1, (read(p) for p in train))  # + the MASK row = VOCAB
 
 
 def token_stream(work: Path, train: list[Path]) -> torch.Tensor:

@@ -66,7 +66,7 @@ def _accepted(base: str) -> float:
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
         text = r.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:spec_decode_num_drafts") and not line.startswith("#"))
+               if line.startswith("vllm:spec_decode_num_accepted_tokens_total"))
 
 
 PROMPTS = ["def encode(self, o):\n", "import json\n\n", "class TextWrapper:\n"]
@@ -88,13 +88,18 @@ def _exchange(base: str, target) -> dict:
 
 
 @pytest.fixture(scope="module")
-def exchanges(tiny_pair, tmp_path_factory):
+def exchanges(tmp_path_factory):
+    from dflash_vllm.demo import shipped_pair
+
+    pair = shipped_pair()
+    assert pair is not None, "dflash_vllm/demo_pair/ is missing: run scripts/build_demo_pair.py"
+    target, drafter = pair
     tmp = tmp_path_factory.mktemp("server")
-    with vllm_server(tiny_pair.target, log_path=tmp / "plain.log") as base:
-        plain = _exchange(base, tiny_pair.target)
-    with vllm_server(tiny_pair.target, tiny_pair.drafter, log_path=tmp / "plugin.log") as base:
+    with vllm_server(target, log_path=tmp / "plain.log") as base:
+        plain = _exchange(base, target)
+    with vllm_server(target, drafter, log_path=tmp / "plugin.log") as base:
         before = _accepted(base)
-        ours = _exchange(base, tiny_pair.target)
+        ours = _exchange(base, target)
         after = _accepted(base)
     return plain, ours, before, after, (tmp / "plugin.log").read_text(errors="replace")
 

@@ -76,10 +76,9 @@ class DFlashVllmAttention(nn.Module):
     def _norm_heads(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
         return norm(x.view(*x.shape[:-1], -1, self.head_dim)).view(x.shape)
 
-    def context_kv(self, context: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``context [C, H]`` -> K, V ``[C, kv_size]``: K normed and roped at ``positions``."""
-        qkv, _ = self.qkv_proj(context)  # the Q third is unused: context never queries
-        _, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def context_k_v(self, kv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected context ``kv [C, 2 * kv_size]`` (K then V) -> K normed and roped at ``positions``, V."""
+        k, v = kv.split([self.kv_size, self.kv_size], dim=-1)
         k = self._norm_heads(self.k_norm, k)
         # RotaryEmbedding rotates (query, key); K rides as the query with no key.
         k, _ = self.rotary_emb(positions, k, None)
@@ -144,6 +143,8 @@ class DFlashVllmDrafter(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         # Optional trained MASK row (mask_embedding.pt), replacing the target's row for mask_token_id.
         self.register_buffer("mask_embedding", torch.empty(0), persistent=False)
+        self._ctx_kv_weight: torch.Tensor | None = None  # built from the loaded qkv weights
+        self._ctx_kv_bias: torch.Tensor | None = None
         self.embed_tokens: nn.Module | None = None
         self.lm_head: nn.Module | None = None
         self.logits_processor: nn.Module | None = None
@@ -164,18 +165,30 @@ class DFlashVllmDrafter(nn.Module):
         out, _ = self.fc(features)
         return self.hidden_norm(out)
 
+    def _build_context_projection(self) -> None:
+        """One weight for the context K/V of every layer: rows ``[k_0; v_0; k_1; v_1; ...]`` taken from
+        each layer's (TP-local) qkv_proj. The context never forms queries, so its Q third is skipped,
+        and one GEMM replaces one per layer."""
+        attns = [layer.self_attn for layer in self.layers]
+        self._ctx_kv_weight = torch.cat([a.qkv_proj.weight[a.q_size:] for a in attns]).contiguous()
+        biases = [a.qkv_proj.bias for a in attns]
+        self._ctx_kv_bias = None if biases[0] is None else torch.cat([b[a.q_size:] for a, b in zip(attns, biases, strict=True)])
+
     def write_context_kv(self, context: torch.Tensor, positions: torch.Tensor,
                          slot_mapping: torch.Tensor | None) -> None:
         """KV injection: write every layer's context K/V into its paged cache (None = compute only)."""
-        for layer in self.layers:
-            k, v = layer.self_attn.context_kv(context, positions)
+        if self._ctx_kv_weight is None:
+            self._build_context_projection()
+        all_kv = torch.nn.functional.linear(context, self._ctx_kv_weight, self._ctx_kv_bias)  # [C, L * 2 * kv]
+        for layer, kv in zip(self.layers, all_kv.chunk(len(self.layers), dim=-1), strict=True):
+            k, v = layer.self_attn.context_k_v(kv, positions)
             if slot_mapping is None:
                 continue
             attn = layer.self_attn.attn
             attn.impl.do_kv_cache_update(
                 attn,
                 k.view(-1, attn.num_kv_heads, attn.head_size),
-                v.view(-1, attn.num_kv_heads, attn.head_size),
+                v.contiguous().view(-1, attn.num_kv_heads, attn.head_size),  # a column slice of all_kv
                 attn.kv_cache,
                 slot_mapping,
             )
@@ -229,6 +242,7 @@ class DFlashVllmDrafter(nn.Module):
                 "the file is incomplete or from another architecture"
             )
         self._load_mask_embedding()
+        self._build_context_projection()
         return loaded
 
     def _load_mask_embedding(self) -> None:
