@@ -5,5 +5,6 @@ vLLM runs no Triton.
 """
 
 from dflash_vllm.kernels.block_inputs import BlockInputs, block_inputs_ref
+from dflash_vllm.kernels.draft_select import draft_select, draft_select_ref
 
-__all__ = ["BlockInputs", "block_inputs_ref"]
+__all__ = ["BlockInputs", "block_inputs_ref", "draft_select", "draft_select_ref"]
