@@ -22,6 +22,7 @@ def export_drafter(out_dir: str | Path, cfg: DrafterConfig, state_dict: dict[str
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an exported model is meant to be shared
     try:
         tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
