@@ -59,3 +59,16 @@ def test_bench_reports_a_mode_that_cannot_start(tiny_pair, tmp_path):
     assert "baseline" in res["modes"] and res["modes"]["baseline"]["by_concurrency"]["1"]["tokens_per_s"] > 0
     assert "plugin" not in res["modes"]
     assert "missing" in res["errors"]["plugin"] and "config.json" in res["errors"]["plugin"]
+
+
+def test_summary_pools_repetitions():
+    from dflash_vllm.bench.stats import summarize_mode
+
+    reps = [{"tokens_per_s": 10.0, "tpot_ms": 1.0, "num_drafts": 10, "num_accepted_tokens": 9,
+             "accepted_per_pos": [6, 3], "per_position_acceptance": [0.6, 0.3]},
+            {"tokens_per_s": 30.0, "tpot_ms": 3.0, "num_drafts": 30, "num_accepted_tokens": 10,
+             "accepted_per_pos": [10, 0], "per_position_acceptance": [1 / 3, 0.0]}]
+    s = summarize_mode(reps)
+    assert s["tau"] == 1 + 19 / 40 and s["tokens_per_s"] == 20.0
+    assert s["per_position_acceptance"] == [16 / 40, 3 / 40]
+    assert s["acceptance_histogram"] == [24, 13, 3]

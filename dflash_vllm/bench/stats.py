@@ -36,6 +36,7 @@ def job_figures(job: dict, concurrency: int) -> dict:
         "tau": spec["acceptance_length"],
         "per_position_acceptance": per_pos,
         "acceptance_histogram": acceptance_histogram(drafts, spec["accepted_per_pos"]) if drafts else [],
+        "accepted_per_pos": spec["accepted_per_pos"],
         "num_drafts": drafts,
         "num_accepted_tokens": spec["num_accepted_tokens"],
         "num_output_tokens": tokens,
@@ -51,7 +52,12 @@ def summarize_mode(reps: list[dict]) -> dict:
 
     drafts = sum(r["num_drafts"] for r in reps)
     accepted = sum(r["num_accepted_tokens"] for r in reps)
+    # per-position counts pooled over repetitions (older results carry rates only: counts = rate * drafts)
+    per_rep = [r.get("accepted_per_pos") or [round(x * r["num_drafts"]) for x in r["per_position_acceptance"]]
+               for r in reps]
+    pooled = [sum(col) for col in zip(*per_rep, strict=True)] if per_rep and per_rep[0] else []
     return {"tokens_per_s": med("tokens_per_s"), "tpot_ms": med("tpot_ms"),
             "tau": 1 + accepted / drafts if drafts else None,
-            "per_position_acceptance": reps[0]["per_position_acceptance"],
-            "acceptance_histogram": reps[0]["acceptance_histogram"], "reps": reps}
+            "per_position_acceptance": [a / drafts for a in pooled] if drafts else [],
+            "acceptance_histogram": acceptance_histogram(drafts, pooled) if drafts else [],
+            "reps": reps}
