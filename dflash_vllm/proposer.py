@@ -39,9 +39,10 @@ from dflash_vllm.options import parse_options
 
 logger = init_logger("vllm.dflash_vllm.proposer")
 
-# Debugging aid (and the cross-side convention test): save the first step's target tokens, positions
-# and drafter features (target_layer_ids order) to this path.
+# Debugging aid (and the cross-side convention test): save the target tokens, positions and drafter
+# features (target_layer_ids order) of the first DUMP_STEPS drafting steps to this path, as a list.
 DUMP_FEATURES_ENV = "DFLASH_VLLM_DUMP_FEATURES"
+DUMP_STEPS = 8
 
 
 def feature_columns(target_layer_ids: tuple[int, ...], hidden_size: int) -> torch.Tensor | None:
@@ -76,6 +77,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         cols = feature_columns(self.spec.target_layer_ids, vllm_config.model_config.get_hidden_size())
         self._feature_columns = None if cols is None else cols.to(device)
         self._dump_path = os.environ.get(DUMP_FEATURES_ENV)
+        self._dumped: list[dict] = []
         logger.info(
             "dflash-vllm %s: DFlash proposer active (block_size=%d, num_speculative_tokens=%d, "
             "target_layer_ids=%s)",
@@ -135,10 +137,10 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         # KV injection for every target token of the step (also when no drafts are wanted:
         # the next step's blocks attend to this context).
         features = self._features(target_hidden_states)
-        if self._dump_path:
-            torch.save({"token_ids": target_token_ids.cpu(), "positions": target_positions.cpu(),
-                        "features": features.float().cpu()}, self._dump_path)
-            self._dump_path = None
+        if self._dump_path and len(self._dumped) < DUMP_STEPS:
+            self._dumped.append({"token_ids": target_token_ids.cpu(), "positions": target_positions.cpu(),
+                                 "features": features.float().cpu()})
+            torch.save(self._dumped, self._dump_path)
         context = self.model.fuse_context(features)
         inputs = block_inputs_ref(
             cad.query_start_loc, num_rejected_tokens_gpu, target_positions, next_token_ids,

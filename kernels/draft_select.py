@@ -13,6 +13,7 @@ path, where vLLM runs no Triton); ``draft_select`` dispatches.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,7 +36,6 @@ def draft_select_ref(hidden: torch.Tensor, lm_head: torch.Tensor) -> tuple[torch
 
 if triton is not None:
 
-    @triton.jit
     def _draft_select_kernel(h_ptr, w_ptr, token_ptr, prob_ptr, lse_ptr, N, V, H,
                              stride_hn, stride_wv,
                              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -71,6 +71,13 @@ if triton is not None:
         tl.store(prob_ptr + rows, tl.exp(m - lse), mask=row_ok)
 
 
+@functools.cache
+def _jitted(interpret: str | None):
+    # JIT at first use, not at import: triton.jit reads TRITON_INTERPRET when it decorates, and this
+    # module is often imported (by the proposer) before a test or a user sets it.
+    return triton.jit(_draft_select_kernel)
+
+
 def _block_sizes(n: int, v: int, h: int) -> tuple[int, int, int]:
     block_n = 16 if n <= 16 else 32
     return block_n, min(128, triton.next_power_of_2(v)), min(64, triton.next_power_of_2(h))
@@ -84,7 +91,7 @@ def draft_select_triton(hidden: torch.Tensor, lm_head: torch.Tensor):
     prob = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     block_n, block_v, block_h = _block_sizes(n, v, h)
-    _draft_select_kernel[(triton.cdiv(n, block_n),)](
+    _jitted(os.environ.get("TRITON_INTERPRET"))[(triton.cdiv(n, block_n),)](
         hidden, lm_head, token, prob, lse, n, v, h, hidden.stride(0), lm_head.stride(0),
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h,
     )

@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from dflash_vllm.testing import make_tiny_pair
+# Triton kernels run under Triton's interpreter on CPU. It must be on before triton is first
+# imported (its own tl.max/tl.sum are JIT-decorated at import). vLLM engines started by the tests
+# inherit it: they give the same outputs with it set (vLLM runs no Triton on CPU either way).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from dflash_vllm.testing import make_tiny_pair  # noqa: E402
 
 # Eight prompts of different lengths (a few tokens to ~150), some sharing a prefix.
 PROMPTS = [

@@ -1,13 +1,10 @@
 """draft_select: Triton kernel (under TRITON_INTERPRET=1 on CPU) against its PyTorch reference."""
 
-import os
-
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton compiles anything in this process
-
-from dflash_vllm.kernels.draft_select import draft_select_ref, draft_select_triton  # noqa: E402
+# TRITON_INTERPRET=1 is set by conftest.py, before anything imports triton
+from dflash_vllm.kernels.draft_select import draft_select_ref, draft_select_triton
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 

