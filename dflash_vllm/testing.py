@@ -7,7 +7,6 @@ to a multiple of 64; the drafter's MASK is the first unused row, as in Qwen3 (15
 
 from __future__ import annotations
 
-import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from dflash_vllm.checkpoint import build_target_layer_ids
 from dflash_vllm.models.core import DFlashDrafter, DrafterConfig
+from dflash_vllm.training.export import export_drafter
 
 EOS = "<|endoftext|>"
 CHAT_TEMPLATE = (
@@ -100,21 +100,15 @@ def write_target(out_dir: Path, *, hidden_size: int, num_layers: int, num_heads:
     model.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-def write_drafter(out_dir: Path, cfg: DrafterConfig, seed: int, state_dict: dict | None = None) -> None:
-    """Drafter weights (no embedding, no LM head) + z-lab config.json."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if state_dict is None:
-        torch.manual_seed(seed)
-        model = DFlashDrafter(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0.0, 0.08)
-        state_dict = model.state_dict()
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out_dir / "model.safetensors"))
-    (out_dir / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+def random_drafter_state(cfg: DrafterConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random drafter weights, init 0.08 like the tiny target (peaked, varied drafts)."""
+    torch.manual_seed(seed)
+    model = DFlashDrafter(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    return model.state_dict()
 
 
 def make_tiny_pair(
@@ -153,5 +147,5 @@ def make_tiny_pair(
         vocab_size=vocab_size, block_size=block_size, mask_token_id=n_tok,
         target_layer_ids=list(target_layer_ids), num_target_layers=num_target_layers,
     )
-    write_drafter(drafter_dir, cfg, seed=seed + 1)
+    export_drafter(drafter_dir, cfg, random_drafter_state(cfg, seed + 1), dtype="float32")
     return TinyPair(target=target_dir, drafter=drafter_dir, mask_token_id=n_tok, vocab_size=vocab_size)

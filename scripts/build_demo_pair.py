@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from dflash_vllm.testing import train_tokenizer  # noqa: E402
 from dflash_vllm.training.data import atomic_write_text  # noqa: E402
+from dflash_vllm.training.trainer import save_checkpoint  # noqa: E402
 
 SEED = 0
 VOCAB = 4096
@@ -123,10 +124,8 @@ def stage_target(work: Path, train: list[Path], resume: bool, report: dict) -> N
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{(step - bar.initial) * BATCH * SEQ_LEN / (time.perf_counter() - t0):.0f}")
         bar.update(1)
         if step % 200 == 0 or step == TARGET_STEPS:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step}, tmp)
-            tmp.replace(ckpt)
+            save_checkpoint(ckpt, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                            step=step)
     bar.close()
     wall = time.perf_counter() - t0
     report["target"] = {"steps": TARGET_STEPS, "final_loss": loss.item(), "wall_s": wall,

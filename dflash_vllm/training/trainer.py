@@ -109,7 +109,8 @@ def _pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
     return tokens, torch.tensor([len(s) for s in batch])
 
 
-def _save_checkpoint(path: Path, **state) -> None:
+def save_checkpoint(path: Path, **state) -> None:
+    """``torch.save`` to a temporary name, then rename: a crash never leaves half a checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -190,7 +191,7 @@ def train_drafter(cfg: TrainConfig, sequences: list[list[int]], target, mask_tok
                 log_file.flush()
             stopping = stop_after is not None and step - first_step >= stop_after
             if step % cfg.checkpoint_every == 0 or step == total or stopping:
-                _save_checkpoint(ckpt, drafter=drafter.state_dict(), optimizer=opt.state_dict(),
+                save_checkpoint(ckpt, drafter=drafter.state_dict(), optimizer=opt.state_dict(),
                                  scheduler=sched.state_dict(), step=step, config=cfg.to_dict(),
                                  drafter_config=dcfg.to_hf_dict(), anchor_rng=gen.get_state())
             if stopping:
