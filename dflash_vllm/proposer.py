@@ -138,8 +138,11 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         # the next step's blocks attend to this context).
         features = self._features(target_hidden_states)
         if self._dump_path and len(self._dumped) < DUMP_STEPS:
-            self._dumped.append({"token_ids": target_token_ids.cpu(), "positions": target_positions.cpu(),
-                                 "features": features.float().cpu()})
+            # clone: on CPU ``.cpu()`` is the runner's persistent buffer, rewritten by later steps
+            self._dumped.append({"token_ids": target_token_ids.cpu().clone(),
+                                 "positions": target_positions.cpu().clone(),
+                                 "query_start_loc": cad.query_start_loc.cpu().clone(),
+                                 "features": features.float().cpu().clone()})
             torch.save(self._dumped, self._dump_path)
         context = self.model.fuse_context(features)
         inputs = block_inputs_ref(
