@@ -103,11 +103,12 @@ def _locate_validation() -> None:
 def _apply_validation() -> None:
     from vllm.config import VllmConfig
 
-    from dflash_vllm.validation import validate_vllm_config
+    from dflash_vllm.validation import prepare_vllm_config, validate_vllm_config
 
     original = VllmConfig.__post_init__
 
     def __post_init__(self, *args, **kwargs):
+        prepare_vllm_config(self)
         original(self, *args, **kwargs)
         validate_vllm_config(self)
 
@@ -153,6 +154,136 @@ def _v1_applied() -> bool:
     return getattr(VllmConfig._get_v2_model_runner_unsupported_features, "_dflash_vllm", False)
 
 
+# -- 5. per-request options checked at admission ----------------------------------------------------
+def _input_processor():
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    return InputProcessor
+
+
+def _locate_request_options() -> None:
+    cls = _input_processor()
+    _require(callable(getattr(cls, "_validate_params", None)), "request-options",
+             "InputProcessor._validate_params is gone")
+
+
+def _apply_request_options() -> None:
+    from dflash_vllm.options import parse_request_options
+
+    cls = _input_processor()
+    original = cls._validate_params
+
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        spec = getattr(self, "speculative_config", None) or getattr(self.vllm_config, "speculative_config", None)
+        if spec is not None and spec.method == "dflash":
+            parse_request_options(getattr(params, "extra_args", None))  # DFlashRequestError: HTTP 400
+        return result
+
+    _validate_params._dflash_vllm = True
+    cls._orig__validate_params = original
+    cls._validate_params = _validate_params
+
+
+def _request_options_applied() -> bool:
+    return getattr(_input_processor()._validate_params, "_dflash_vllm", False)
+
+
+# -- 6. start-up profile of the target's step time (adaptive cost model) ----------------------------
+def _worker_classes():
+    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return [Worker, CPUWorker]
+
+
+def _locate_profile() -> None:
+    for cls in _worker_classes():
+        _require(callable(getattr(cls, "compile_or_warm_up_model", None)), "step-profile",
+                 f"{cls.__name__}.compile_or_warm_up_model is gone")
+
+
+def _apply_profile() -> None:
+    for cls in _worker_classes():
+        original = cls.__dict__.get("compile_or_warm_up_model")
+        if original is None or getattr(original, "_dflash_vllm", False):
+            continue
+
+        def compile_or_warm_up_model(self, *args, _original=original, **kwargs):
+            result = _original(self, *args, **kwargs)
+            runner = getattr(self, "model_runner", None)
+            profile = getattr(getattr(runner, "drafter", None), "profile_target_steps", None)
+            if profile is not None:
+                profile(runner)
+            return result
+
+        compile_or_warm_up_model._dflash_vllm = True
+        cls.compile_or_warm_up_model = compile_or_warm_up_model
+
+
+def _profile_applied() -> bool:
+    return all(getattr(cls.__dict__.get("compile_or_warm_up_model"), "_dflash_vllm", False)
+               for cls in _worker_classes() if "compile_or_warm_up_model" in cls.__dict__)
+
+
+# -- 7. a histogram of the draft lengths vLLM verified --------------------------------------------
+DRAFT_LENGTH_METRIC = "vllm:dflash_draft_length"
+
+
+def _spec_prom():
+    from vllm.v1.spec_decode.metrics import SpecDecodingProm
+
+    return SpecDecodingProm
+
+
+def _locate_metric() -> None:
+    from vllm.v1.spec_decode.metrics import SpecDecodingStats
+
+    _require("num_draft_tokens_per_pos" in SpecDecodingStats.__dataclass_fields__, "draft-length-metric",
+             "SpecDecodingStats.num_draft_tokens_per_pos is gone")
+    cls = _spec_prom()
+    _require(callable(getattr(cls, "observe", None)), "draft-length-metric", "SpecDecodingProm.observe is gone")
+
+
+def _apply_metric() -> None:
+    import prometheus_client
+
+    cls = _spec_prom()
+    original_init, original_observe = cls.__init__, cls.observe
+
+    def __init__(self, speculative_config, labelnames, per_engine_labelvalues, *args, **kwargs):
+        original_init(self, speculative_config, labelnames, per_engine_labelvalues, *args, **kwargs)
+        self._dflash_hist = {}
+        if speculative_config is None or speculative_config.method != "dflash":
+            return
+        k = speculative_config.num_speculative_tokens
+        hist = prometheus_client.Histogram(
+            name=DRAFT_LENGTH_METRIC, labelnames=labelnames, buckets=[float(i) for i in range(1, k + 1)],
+            documentation="Drafts sent for one request in one step (requests sent at least one); "
+                          "dflash-vllm's adaptive cut moves it with the load.")
+        self._dflash_hist = {idx: hist.labels(*lv) for idx, lv in per_engine_labelvalues.items()}
+
+    def observe(self, spec_decoding_stats, engine_idx: int = 0):
+        original_observe(self, spec_decoding_stats, engine_idx)
+        hist = getattr(self, "_dflash_hist", {}).get(engine_idx)
+        per_pos = list(getattr(spec_decoding_stats, "num_draft_tokens_per_pos", []) or [])
+        if hist is None or not per_pos:
+            return
+        # requests with exactly L drafts = reached position L-1 but not L
+        for length in range(1, len(per_pos) + 1):
+            count = per_pos[length - 1] - (per_pos[length] if length < len(per_pos) else 0)
+            for _ in range(count):
+                hist.observe(length)
+
+    __init__._dflash_vllm = observe._dflash_vllm = True
+    cls._orig___init__, cls._orig_observe = original_init, original_observe
+    cls.__init__, cls.observe = __init__, observe
+
+
+def _metric_applied() -> bool:
+    return getattr(_spec_prom().observe, "_dflash_vllm", False)
+
+
 PATCHES: list[Patch] = [
     Patch("proposer", "gpu_model_runner.DFlashProposer -> DFlashVllmProposer: `method: dflash` builds our "
           "proposer (V1 runner; CPUModelRunner inherits it).", _locate_proposer, _apply_proposer,
@@ -165,6 +296,14 @@ PATCHES: list[Patch] = [
     Patch("v1-runner", "VllmConfig._get_v2_model_runner_unsupported_features lists DFlash: on GPU, vLLM "
           "picks the V1 runner (where our proposer lives) instead of Model Runner V2.", _locate_v1,
           _apply_v1, _v1_applied),
+    Patch("request-options", "InputProcessor._validate_params also checks a request's dflash options "
+          "(extra_args / vllm_xargs): a bad one fails that request with HTTP 400, not the batch.",
+          _locate_request_options, _apply_request_options, _request_options_applied),
+    Patch("step-profile", "Worker/CPUWorker.compile_or_warm_up_model then time a few target steps: the "
+          "seed of the adaptive cost model.", _locate_profile, _apply_profile, _profile_applied),
+    Patch("draft-length-metric", f"SpecDecodingProm also exports {DRAFT_LENGTH_METRIC}, a histogram of "
+          "per-request draft lengths, from vLLM's own per-position draft counts.", _locate_metric,
+          _apply_metric, _metric_applied),
 ]
 
 

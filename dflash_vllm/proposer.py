@@ -21,6 +21,7 @@ buffers, probabilistic draft sampling) comes from vLLM's ``SpecDecodeBasePropose
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import replace
 
 import torch
@@ -33,11 +34,16 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 
 from dflash_vllm import __version__
+from dflash_vllm.adaptive import AdaptiveController
 from dflash_vllm.checkpoint import DFlashConfigError, feature_index, parse_draft_spec
-from dflash_vllm.kernels import block_inputs_ref
-from dflash_vllm.options import parse_options
+from dflash_vllm.kernels import block_inputs, draft_select, triton_usable
+from dflash_vllm.options import DFlashRequestError, parse_options, parse_request_options
 
 logger = init_logger("vllm.dflash_vllm.proposer")
+
+# Kernels that kernels="auto" runs in Triton on CUDA: only those measured faster than their PyTorch
+# reference at real shapes (kernels/benchmarks/README.md). None yet: no GPU run so far.
+TRITON_BY_DEFAULT: frozenset[str] = frozenset()
 
 # Debugging aid (and the cross-side convention test): save the target tokens, positions and drafter
 # features (target_layer_ids order) of the first DUMP_STEPS drafting steps to this path, as a list.
@@ -78,12 +84,33 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self._feature_columns = None if cols is None else cols.to(device)
         self._dump_path = os.environ.get(DUMP_FEATURES_ENV)
         self._dumped: list[dict] = []
+        self._runner = runner
+        # Variable draft lengths (adaptive cut, per-request caps) go back to vLLM as lists, which
+        # its synchronous scheduler takes; under async scheduling drafts stay a fixed-size tensor.
+        self.variable_lengths = not vllm_config.scheduler_config.async_scheduling and runner is not None
+        self.adaptive = (AdaptiveController(self.num_speculative_tokens)
+                         if self.options.adaptive and self.variable_lengths else None)
+        self._sync = device.type == "cuda"
+        self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
+        self._sent: dict[str, tuple[torch.Tensor, int]] = {}  # req_id -> (confidences, drafts sent)
+        self.stats = {"steps": 0, "plain_steps": 0, "drafted": 0, "accepted": 0}
+        self._profiling = False
+        self._tp_size = vllm_config.parallel_config.tensor_parallel_size
+        kernels = self.options.kernels
+        if kernels == "triton" and not triton_usable(device):
+            raise DFlashConfigError("additional_config.dflash.kernels='triton' needs a CUDA device (or "
+                                    "TRITON_INTERPRET=1 for tests); use 'auto' or 'torch'")
+        self._triton_inputs = kernels == "triton" or (
+            kernels == "auto" and device.type == "cuda" and "block_inputs" in TRITON_BY_DEFAULT)
         logger.info(
             "dflash-vllm %s: DFlash proposer active (block_size=%d, num_speculative_tokens=%d, "
-            "target_layer_ids=%s)",
+            "target_layer_ids=%s, adaptive=%s)",
             __version__, self.spec.block_size, self.num_speculative_tokens,
-            list(self.spec.target_layer_ids),
+            list(self.spec.target_layer_ids), self.adaptive is not None,
         )
+        if self.options.adaptive and self.adaptive is None:
+            logger.warning("dflash-vllm: adaptive draft length needs vLLM's synchronous scheduler; running "
+                           "fixed-length drafts (pass --no-async-scheduling to adapt)")
 
     # -- set-up --------------------------------------------------------------------------------
     def _create_draft_vllm_config(self) -> VllmConfig:
@@ -107,6 +134,28 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 f"target {type(target).__name__} exposes no embed_tokens/lm_head for the drafter to share"
             )
         self.model.share_target_modules(embed, target.lm_head, target.logits_processor)
+        self._use_draft_select, self._lm_head_weight = self._choose_draft_select(target)
+
+    def _choose_draft_select(self, target) -> tuple[bool, torch.Tensor | None]:
+        """The fused Triton selection applies where the logits are a plain ``h @ W.T`` over the
+        whole vocabulary on this rank: no TP vocab sharding, no logit scaling or soft-capping."""
+        choice = self.options.kernels
+        if choice == "torch":
+            return False, None
+        lp = target.logits_processor
+        weight = getattr(target.lm_head, "weight", None)
+        plain = (weight is not None and self.vllm_config.parallel_config.tensor_parallel_size == 1
+                 and getattr(lp, "scale", 1.0) == 1.0 and getattr(lp, "soft_cap", None) is None)
+        if choice == "auto" and not (plain and self.device.type == "cuda" and "draft_select" in TRITON_BY_DEFAULT):
+            return False, None
+        if not plain or not triton_usable(self.device):
+            raise DFlashConfigError(
+                "additional_config.dflash.kernels='triton' needs a CUDA device (or TRITON_INTERPRET=1) "
+                "and unsharded, unscaled target logits (tensor_parallel_size 1, no logit scale or soft "
+                "cap); use 'auto' or 'torch'")
+        vocab = self.vllm_config.model_config.get_vocab_size()
+        logger.info("dflash-vllm: fused Triton draft selection (vocab %d)", vocab)
+        return True, weight[:vocab]  # drop the LM head's padding rows
 
     # -- the drafting step ---------------------------------------------------------------------
     def _features(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
@@ -133,6 +182,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         num_reqs = cad.num_reqs
         k = num_speculative_tokens
         self._last_draft_probs = None
+        ctl = self.adaptive
+        if ctl is not None:
+            ctl.begin_step(self._now(), cad.num_actual_tokens)
 
         # KV injection for every target token of the step (also when no drafts are wanted:
         # the next step's blocks attend to this context).
@@ -145,14 +197,119 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                                  "features": features.float().cpu().clone()})
             torch.save(self._dumped, self._dump_path)
         context = self.model.fuse_context(features)
-        inputs = block_inputs_ref(
+        inputs = block_inputs(
             cad.query_start_loc, num_rejected_tokens_gpu, target_positions, next_token_ids,
             cad.block_table_tensor, cad.seq_lens, self.block_size, self.mask_token_id, k,
+            use_triton=self._triton_inputs,
         )
         self.model.write_context_kv(context, target_positions, inputs.context_slot_mapping)
-        if k == 0:
-            return torch.empty(num_reqs, 0, dtype=torch.int64, device=target_positions.device)
 
+        req_ids = self._batch_req_ids(num_reqs)
+        caps = None
+        if req_ids is not None:
+            self._learn_from_last_step(req_ids, cad, num_rejected_tokens_gpu)
+            caps = self._request_caps(req_ids, k)
+        max_len = k if caps is None else int(caps.max()) if num_reqs else 0
+        drafting = k > 0 and max_len > 0 and not self._profiling
+        if drafting and ctl is not None:
+            drafting = ctl.should_draft(num_reqs, num_reqs * (1 + k), max_len)
+            if self._tp_size > 1:  # ranks time their own steps: rank 0 decides for all (collectives)
+                from vllm.distributed import get_tp_group
+
+                drafting = bool(get_tp_group().broadcast_object(drafting, src=0))
+        self.stats["steps"] += 1
+        if not drafting:
+            self.stats["plain_steps"] += 1
+            if ctl is not None:
+                ctl.end_step(self._now())
+            if req_ids is None:
+                return torch.empty(num_reqs, 0, dtype=torch.int64, device=target_positions.device)
+            return [[] for _ in range(num_reqs)]
+
+        t_draft = self._now() if ctl is not None else 0.0
+        hidden = self._block_forward(cad, inputs, num_reqs, k)
+        drafts, conf, draft_probs = self._select(hidden[inputs.sample_indices], sampling_metadata)
+        drafts = drafts.view(num_reqs, k)
+        if draft_probs is not None:
+            self._last_draft_probs = draft_probs.view(num_reqs, k, -1).contiguous()
+        if req_ids is None:  # async scheduling: vLLM wants a fixed [R, K] tensor
+            return drafts
+
+        conf = conf.view(num_reqs, k).float().cpu()
+        caps_t = torch.full((num_reqs,), k, dtype=torch.long) if caps is None else caps
+        if ctl is not None:
+            lengths = ctl.cut(conf, caps_t)
+            ctl.end_step(self._now(), num_reqs, num_reqs * (1 + k), self._now() - t_draft)
+        else:
+            lengths = caps_t
+        rows = drafts.cpu().tolist()
+        out = []
+        for i, rid in enumerate(req_ids):
+            n = int(lengths[i])
+            out.append(rows[i][:n])
+            if n:
+                self._sent[rid] = (conf[i, :n], n)
+        return out
+
+    # -- helpers of the drafting step ----------------------------------------------------------
+    def _now(self) -> float:
+        if self._sync:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _batch_req_ids(self, num_reqs: int) -> list[str] | None:
+        """Request ids in batch order, or None when drafts must stay a fixed-size tensor."""
+        if not self.variable_lengths:
+            return None
+        ids = self._runner.input_batch.req_ids
+        return list(ids[:num_reqs])
+
+    def _request_caps(self, req_ids: list[str], k: int) -> torch.Tensor | None:
+        """[R] per-request draft caps from ``extra_args``; None when no request sets one."""
+        if len(self._caps) > 4 * max(64, len(req_ids)):
+            self._caps = {r: c for r, c in self._caps.items() if r in set(req_ids)}
+        caps, any_cap = [], False
+        for rid in req_ids:
+            cap = self._caps.get(rid)
+            if cap is None:
+                state = self._runner.requests.get(rid)
+                params = getattr(state, "sampling_params", None)
+                try:
+                    opts = parse_request_options(getattr(params, "extra_args", None))
+                    cap = opts.cap(k)
+                except DFlashRequestError as err:  # validated at admission; never fail a batch here
+                    logger.warning("dflash-vllm: request %s: %s; drafting without its options", rid, err)
+                    cap = k
+                self._caps[rid] = cap
+            any_cap |= cap < k
+            caps.append(min(cap, k))
+        return torch.tensor(caps, dtype=torch.long) if any_cap else None
+
+    def _learn_from_last_step(self, req_ids: list[str], cad: CommonAttentionMetadata,
+                              num_rejected: torch.Tensor | None) -> None:
+        """How many of the drafts sent last step vLLM accepted, per request (calibration, stats)."""
+        sent, self._sent = self._sent, {}
+        if not sent or num_rejected is None:
+            return
+        rejected = num_rejected.tolist()
+        qsl = cad.query_start_loc_cpu.tolist()
+        confs, lengths, accepted = [], [], []
+        for i, rid in enumerate(req_ids):
+            if rid not in sent:
+                continue
+            c, n = sent[rid]
+            if qsl[i + 1] - qsl[i] - 1 != n:  # the scheduler did not verify what we sent: skip
+                continue
+            a = max(0, n - int(rejected[i]))
+            self.stats["drafted"] += n
+            self.stats["accepted"] += a
+            confs.append(torch.nn.functional.pad(c, (0, self.num_speculative_tokens - n)))
+            lengths.append(n)
+            accepted.append(a)
+        if confs and self.adaptive is not None:
+            self.adaptive.observe_outcomes(torch.stack(confs), torch.tensor(lengths), torch.tensor(accepted))
+
+    def _block_forward(self, cad: CommonAttentionMetadata, inputs, num_reqs: int, k: int) -> torch.Tensor:
         q = 1 + k
         num_query = num_reqs * q
         draft_cad = CommonAttentionMetadata(
@@ -175,17 +332,28 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             per_layer_metadata, self.vllm_config, num_tokens=num_query,
             slot_mapping=self._get_slot_mapping(num_query, inputs.slot_mapping),
         ):
-            hidden = self.model(input_ids=inputs.input_ids, positions=inputs.positions)
+            return self.model(input_ids=inputs.input_ids, positions=inputs.positions)
 
-        drafts, draft_probs = self._sample_draft_tokens(hidden[inputs.sample_indices], sampling_metadata)
-        if draft_probs is not None:
-            self._last_draft_probs = draft_probs.view(num_reqs, k, -1).contiguous()
-        return drafts.view(num_reqs, k)
+    def _select(self, hidden: torch.Tensor, sampling_metadata):
+        """Draft tokens [N], the drafter's probability of each [N], and vLLM's draft probs (sampled
+        drafting) or None."""
+        if not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy:
+            if self._use_draft_select:
+                tokens, prob, _ = draft_select(hidden, self._lm_head_weight, use_triton=True)
+                return tokens, prob, None
+            logits = self.model.compute_logits(hidden)
+            tokens = logits.argmax(dim=-1)  # exactly vLLM's greedy draft
+            prob = torch.softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+            return tokens, prob, None
+        drafts, probs = self._sample_draft_tokens(hidden, sampling_metadata)
+        return drafts, probs.gather(-1, drafts.long()[:, None]).squeeze(-1), probs
 
     @torch.inference_mode()
     def dummy_run(self, num_tokens: int, use_cudagraphs: bool = True, is_graph_capturing: bool = False,
                   slot_mappings: dict[str, torch.Tensor] | None = None) -> None:
         """Profiling run: the context projection at ``num_tokens`` and one block pass of the largest batch."""
+        if self._profiling:  # timing the target alone (profile_target_steps)
+            return
         n_features = len(self.spec.target_layer_ids) * self.vllm_config.model_config.get_hidden_size()
         features = torch.zeros(num_tokens, n_features, dtype=self.dtype, device=self.device)
         self.model.write_context_kv(self.model.fuse_context(features), self.positions[:num_tokens], None)
@@ -195,3 +363,34 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         slots = self._get_slot_mapping(num_query) if writes_cache else (slot_mappings or {})
         with set_forward_context(None, self.vllm_config, num_tokens=num_query, slot_mapping=slots):
             self.model(input_ids=self.input_ids[:num_query], positions=self.positions[:num_query])
+
+    @torch.inference_mode()
+    def profile_target_steps(self, runner, repeats: int = 3) -> dict[int, float]:
+        """Seed the adaptive cost model: time the runner's own dummy steps (target only) at token
+        counts from 1 to the largest verify batch, doubling; median of ``repeats`` after a warm-up."""
+        if self.adaptive is None or not self.options.profile_steps:
+            return {}
+        sched = self.vllm_config.scheduler_config
+        top = min(sched.max_num_batched_tokens, sched.max_num_seqs * (1 + self.num_speculative_tokens))
+        sizes, n = [], 1
+        while n < top:
+            sizes.append(n)
+            n *= 2
+        sizes.append(top)
+        points = {}
+        self._profiling = True
+        try:
+            for n in sizes:
+                runner._dummy_run(n)
+                times = []
+                for _ in range(repeats):
+                    t = self._now()
+                    runner._dummy_run(n)
+                    times.append(self._now() - t)
+                points[n] = sorted(times)[len(times) // 2]
+        finally:
+            self._profiling = False
+        self.adaptive.step_cost.set_profile(points)
+        logger.info("dflash-vllm: target step profile (tokens: ms) %s",
+                    ", ".join(f"{n}: {1e3 * s:.2f}" for n, s in points.items()))
+        return points

@@ -26,6 +26,27 @@ def _target_supports_aux_hidden_states(model_config) -> bool | None:
     return bool(supports_eagle3(model_cls))
 
 
+def prepare_vllm_config(vllm_config) -> None:
+    """Before vLLM resolves its defaults: adaptive drafting sends each request its own number of
+    drafts, which vLLM's synchronous scheduler takes (its async scheduler schedules a fixed count)."""
+    spec_config = vllm_config.speculative_config
+    if spec_config is None or spec_config.method != "dflash":
+        return
+    options = parse_options(vllm_config.additional_config)
+    sched = vllm_config.scheduler_config
+    if not options.adaptive or sched is None:
+        return
+    if sched.async_scheduling is None:
+        sched.async_scheduling = False
+        logger.info("dflash-vllm: adaptive draft length runs with vLLM's synchronous scheduler "
+                    "(set additional_config.dflash.adaptive=false to keep async scheduling)")
+    elif sched.async_scheduling:
+        raise DFlashConfigError(
+            "dflash-vllm: adaptive draft length (additional_config.dflash.adaptive, on by default) needs "
+            "vLLM's synchronous scheduler, but async scheduling was requested; drop --async-scheduling, "
+            'or pass --additional-config \'{"dflash": {"adaptive": false}}\' for fixed-length drafts')
+
+
 def validate_vllm_config(vllm_config) -> None:
     spec_config = vllm_config.speculative_config
     if spec_config is None or spec_config.method != "dflash":

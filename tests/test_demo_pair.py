@@ -23,9 +23,16 @@ def demo():
     prompts = read_prompts(target.parent / "eval_prompts.jsonl")[:N_PROMPTS]
     job = {"name": "greedy", "prompts": prompts, "sampling": {"temperature": 0.0, "max_tokens": MAX_TOKENS}}
     kw = dict(max_model_len=1024)
+    fixed = {"additional_config": {"dflash": {"adaptive": False}}}  # full blocks, as the reference drafts
+    # adaptive (the default), one request with speculation disabled in the same batch
+    mixed = {**job, "name": "mixed", "extra_args": [{"dflash": {"disable": True}}] + [None] * (len(prompts) - 1)}
     runs = {
         "plain": run_engine_jobs({"engine": engine_kwargs(target, **kw), "jobs": [job]})["jobs"][0],
-        "plugin": run_engine_jobs({"engine": engine_kwargs(target, drafter, **kw), "jobs": [job]})["jobs"][0],
+        "plugin": run_engine_jobs({"engine": engine_kwargs(target, drafter, **kw, **fixed),
+                                   "jobs": [job]})["jobs"][0],
+        "adaptive": run_engine_jobs({"engine": engine_kwargs(target, drafter, **kw,
+                                                             per_request_spec_decode_metrics="detailed"),
+                                     "jobs": [mixed]})["jobs"][0],
         "builtin": run_engine_jobs({"engine": engine_kwargs(target, drafter, **kw), "jobs": [job],
                                     "env": {"DFLASH_VLLM_DISABLE": "1"}})["jobs"][0],
     }
@@ -51,3 +58,17 @@ def test_builtin_loads_export_with_same_tau(demo):
     # same checkpoint, same outputs; float rounding of near-ties may flip a few drafts either way
     assert theirs["acceptance_length"] == pytest.approx(ours["acceptance_length"], rel=0.05)
     assert theirs["num_accepted_tokens"] > 0
+
+
+def test_adaptive_lossless_with_variable_lengths(demo):
+    """Adaptive on: outputs identical to plain decoding while requests of one batch get different
+    draft lengths, and a request with speculation disabled gets none (others still speculate)."""
+    run = demo["adaptive"]
+    assert run["token_ids"] == demo["plain"]["token_ids"]
+    lengths = {int(n): c for n, c in run["spec"]["draft_lengths"].items()}
+    assert len(lengths) >= 2, f"expected several draft lengths, got {lengths}"
+    assert sum(n * c for n, c in lengths.items()) == run["spec"]["num_draft_tokens"]
+    per_req = run["request_spec"]
+    assert per_req[0] is None or per_req[0]["num_draft_tokens"] == 0, per_req[0]
+    assert sum(m["num_draft_tokens"] for m in per_req[1:]) > 0
+    assert run["spec"]["acceptance_length"] > 2.0

@@ -19,6 +19,10 @@ K = 7  # block size 8
 MAX_TOKENS = [45, 13, 60, 29, 51, 37, 22, 3, 58]
 GREEDY = {"name": "greedy", "prompts": PROMPTS, "sampling": {"temperature": 0.0}, "max_tokens": MAX_TOKENS}
 PROPOSER_LINE = "DFlash proposer active"
+FIXED = {"additional_config": {"dflash": {"adaptive": False}}}  # fixed length: comparable with the built-in
+# per-request control: no drafts, at most 2, at most 0 through the flat vllm_xargs spelling, defaults
+CAPS = [{"dflash": {"disable": True}}, {"dflash": {"max_draft_tokens": 2}}, {"dflash_max_draft_tokens": 0},
+        None, None, None, None, None, None]
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -44,13 +48,25 @@ def runs(tiny_pair, tmp_path_factory):
     t, d = tiny_pair.target, tiny_pair.drafter
     return {
         "plain": _run(tmp, "plain", engine_kwargs(t), [GREEDY]),
-        "plugin": _run(tmp, "plugin", engine_kwargs(t, d, num_speculative_tokens=K), [
+        "plugin": _run(tmp, "plugin", engine_kwargs(t, d, num_speculative_tokens=K, **FIXED), [
             GREEDY, {**GREEDY, "name": "greedy_again"},
             _sampled("sampled_a", 1234), _sampled("sampled_b", 1234), _sampled("sampled_c", 99),
         ], env={DUMP_FEATURES_ENV: str(tmp / "features.pt")}),
         "features": tmp / "features.pt",
         "plugin_no_prefix_cache": _run(tmp, "plugin_npc", engine_kwargs(t, d, num_speculative_tokens=K,
-                                                                           prefix_caching=False), [GREEDY]),
+                                                                           prefix_caching=False, **FIXED),
+                                       [GREEDY]),
+        # per-request caps on fixed-length drafts (the random drafter gives adaptive nothing to send;
+        # adaptive on a trained drafter: test_demo_pair), per-request metrics recorded
+        "capped": _run(tmp, "capped", engine_kwargs(
+            t, d, num_speculative_tokens=K, per_request_spec_decode_metrics="detailed", **FIXED), [
+            {**GREEDY, "name": "capped", "extra_args": CAPS}]),
+        "adaptive": _run(tmp, "adaptive", engine_kwargs(t, d, num_speculative_tokens=K), [GREEDY]),
+        # the Triton kernels (block inputs, draft selection) under TRITON_INTERPRET=1 (conftest)
+        "triton": _run(tmp, "triton", engine_kwargs(
+            t, d, num_speculative_tokens=K,
+            additional_config={"dflash": {"adaptive": False, "kernels": "triton"}}), [GREEDY],
+            env={"TRITON_INTERPRET": "1"}),
         "builtin": _run(tmp, "builtin", engine_kwargs(t, d, num_speculative_tokens=K), [GREEDY],
                         env={"DFLASH_VLLM_DISABLE": "1"}),
     }
@@ -63,10 +79,12 @@ def test_plugin_proposer_is_the_one_running(runs):
     assert runs["plugin"]["jobs"]["greedy"]["spec"]["num_drafts"] > 0
 
 
-@pytest.mark.parametrize("mode", ["plugin", "plugin_no_prefix_cache", "builtin"])
-def test_greedy_identical_to_plain_decoding(runs, mode):
+@pytest.mark.parametrize(("mode", "job"), [("plugin", "greedy"), ("plugin_no_prefix_cache", "greedy"),
+                                           ("builtin", "greedy"), ("capped", "capped"),
+                                           ("adaptive", "greedy"), ("triton", "greedy")])
+def test_greedy_identical_to_plain_decoding(runs, mode, job):
     plain = runs["plain"]["jobs"]["greedy"]["token_ids"]
-    got = runs[mode]["jobs"]["greedy"]["token_ids"]
+    got = runs[mode]["jobs"][job]["token_ids"]
     assert [len(t) for t in plain] != [len(plain[0])] * len(plain), "requests should end at different steps"
     for i, (a, b) in enumerate(zip(plain, got, strict=True)):
         assert a == b, f"prompt {i}: first difference at token {first_difference(a, b)}"
@@ -129,3 +147,37 @@ def test_proposer_features_equal_trainer_features(runs, tiny_pair):
             torch.testing.assert_close(dump["features"][a:b], feats[0], rtol=1e-4, atol=1e-4)
             checked += 1
     assert checked >= 2, f"expected several whole prompts in the dumped steps, found {checked}"
+
+
+def test_per_request_control(runs):
+    """One batch: disabled requests get no drafts while the others speculate; a cap is a maximum
+    (vLLM's own per-request metrics and dflash-vllm's draft-length histogram)."""
+    job = runs["capped"]["jobs"]["capped"]
+    per_req = job["request_spec"]
+    assert all(m is not None for m in per_req[3:]), "per-request metrics missing"
+    for i in (0, 2):  # disabled (nested and flat spelling): no verify step ever carried a draft
+        assert per_req[i] is None or per_req[i]["num_draft_tokens"] == 0, per_req[i]
+    assert per_req[1]["num_draft_tokens"] > 0 and max(per_req[1]["per_step_drafted"]) == 2
+    for i, m in enumerate(per_req[3:], start=3):
+        if len(job["token_ids"][i]) > 2:  # (the random target ends some requests at once with EOS)
+            assert m["num_draft_tokens"] > 0 and max(m["per_step_drafted"]) == K, (i, m)
+    lengths = {int(n): c for n, c in job["spec"]["draft_lengths"].items()}
+    assert {2, K} <= set(lengths) and max(lengths) == K, lengths
+    assert sum(n * c for n, c in lengths.items()) == job["spec"]["num_draft_tokens"]
+
+
+def test_adaptive_stops_drafting_what_is_never_accepted(runs):
+    """The random drafter's drafts are (almost) never accepted: adaptive mode learns it and sends far
+    fewer drafts than fixed mode, with the same outputs (checked above)."""
+    adaptive, fixed = runs["adaptive"]["jobs"]["greedy"]["spec"], runs["plugin"]["jobs"]["greedy"]["spec"]
+    assert adaptive["num_draft_tokens"] < 0.5 * fixed["num_draft_tokens"], (adaptive, fixed)
+    assert "adaptive=True" in runs["adaptive"]["log"]
+    assert "target step profile" in runs["adaptive"]["log"]
+
+
+def test_triton_kernels_draft_what_the_references_draft(runs):
+    """kernels='triton' (interpreter) and the PyTorch references: the same drafts, so the same
+    acceptance counts, position by position."""
+    ours, ref = runs["triton"]["jobs"]["greedy"]["spec"], runs["plugin"]["jobs"]["greedy"]["spec"]
+    for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos"):
+        assert ours[key] == ref[key], key

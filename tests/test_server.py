@@ -103,7 +103,38 @@ def exchanges(tmp_path_factory):
         before = _accepted(base)
         ours = _exchange(base, target)
         after = _accepted(base)
+        ours["per_request"] = _per_request_options(base, target)
+        ours["metrics"] = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
     return plain, ours, before, after, (tmp / "plugin.log").read_text(errors="replace")
+
+
+BAD_XARGS = [{"dflash_max_draft_tokens": -1}, {"dflash_colour": "red"}, {"dflash_disable": "maybe"}]
+
+
+def _per_request_options(base: str, target) -> dict:
+    """Good requests (capped, disabled) and bad ones (400) at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none")
+
+    def good(xargs):
+        return client.completions.create(model=str(target), prompt=PROMPTS[0], max_tokens=40, temperature=0,
+                                         extra_body={"vllm_xargs": xargs}).choices[0].text
+
+    def bad(xargs):
+        try:
+            client.completions.create(model=str(target), prompt=PROMPTS[1], max_tokens=8,
+                                      extra_body={"vllm_xargs": xargs})
+        except openai.BadRequestError as err:
+            return err.status_code, str(err)
+        return None, "accepted"
+
+    with ThreadPoolExecutor(8) as pool:
+        goods = [pool.submit(good, x) for x in ({"dflash_max_draft_tokens": 2}, {"dflash_disable": 1}, {})]
+        bads = [pool.submit(bad, x) for x in BAD_XARGS]
+        return {"good": [f.result() for f in goods], "bad": [f.result() for f in bads]}
 
 
 def test_server_texts_equal_plain(exchanges):
@@ -117,3 +148,17 @@ def test_server_runs_plugin_and_counts_drafts(exchanges):
     *_, before, after, log = exchanges
     assert "DFlash proposer active" in log
     assert after > before
+
+
+def test_server_per_request_options(exchanges):
+    plain, ours, *_ = exchanges
+    assert ours["per_request"]["good"] == [plain["completions"][0]] * 3
+    for (status, message), key in zip(ours["per_request"]["bad"], ("max_draft_tokens", "colour", "disable"),
+                                      strict=True):
+        assert status == 400, message
+        assert key in message, message
+
+
+def test_server_exports_draft_length_histogram(exchanges):
+    _, ours, *_ = exchanges
+    assert "vllm:dflash_draft_length_bucket" in ours["metrics"]

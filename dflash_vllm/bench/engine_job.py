@@ -7,8 +7,8 @@ memory never leaks into the next one's timings.
     python -m dflash_vllm.bench.engine_job SPEC.json OUT.json
 
 SPEC: ``{"env": {...}, "engine": {LLM kwargs}, "jobs": [{"name", "prompts", "sampling": {...},
-"max_tokens": [per-prompt, optional]}]}``. OUT: per job the token ids, texts, wall time and the
-deltas of vLLM's spec-decode counters.
+"max_tokens": [per prompt], "extra_args": [per prompt], "structured": {...}}]}`` (all optional). OUT: per job the token ids, texts, wall time, the
+deltas of vLLM's spec-decode counters and per-request spec metrics (when the engine records them).
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ SPEC_COUNTERS = {
     "vllm:spec_decode_num_drafts": "num_drafts",
     "vllm:spec_decode_num_draft_tokens": "num_draft_tokens",
     "vllm:spec_decode_num_accepted_tokens": "num_accepted_tokens",
+    "vllm:num_preemptions": "num_preemptions",
 }
 PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos"
+DRAFT_LENGTH = "vllm:dflash_draft_length"  # dflash-vllm's histogram (patches.py)
 
 
 class EngineJobError(RuntimeError):
@@ -37,6 +39,7 @@ class EngineJobError(RuntimeError):
 def spec_counters(llm) -> dict[str, Any]:
     out: dict[str, Any] = {v: 0 for v in SPEC_COUNTERS.values()}
     out["accepted_per_pos"] = []
+    out["draft_lengths"] = {}  # length -> requests x steps sent exactly that many drafts
     if not llm.llm_engine.log_stats:  # stats disabled: no counters to read
         return out
     for metric in llm.get_metrics():
@@ -47,6 +50,12 @@ def spec_counters(llm) -> dict[str, Any]:
             acc = out["accepted_per_pos"]
             out["accepted_per_pos"] = [a + b for a, b in zip(acc + [0] * len(values), values, strict=False)] \
                 if acc else [int(v) for v in values]
+        elif metric.name == DRAFT_LENGTH:
+            cumulative = sorted((float(le), int(c)) for le, c in metric.buckets.items() if le != "+Inf")
+            prev = 0
+            for le, c in cumulative:
+                out["draft_lengths"][int(le)] = out["draft_lengths"].get(int(le), 0) + c - prev
+                prev = c
     return out
 
 
@@ -54,6 +63,8 @@ def counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
     delta = {k: after[k] - before[k] for k in SPEC_COUNTERS.values()}
     prev = before["accepted_per_pos"] + [0] * (len(after["accepted_per_pos"]) - len(before["accepted_per_pos"]))
     delta["accepted_per_pos"] = [a - b for a, b in zip(after["accepted_per_pos"], prev, strict=False)]
+    delta["draft_lengths"] = {n: c - before["draft_lengths"].get(n, 0) for n, c in after["draft_lengths"].items()
+                              if c - before["draft_lengths"].get(n, 0)}
     drafts = delta["num_drafts"]
     delta["acceptance_length"] = 1 + delta["num_accepted_tokens"] / drafts if drafts else None
     return delta
@@ -61,17 +72,20 @@ def counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
 
 def _run_jobs(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     t0 = time.perf_counter()
     llm = LLM(**spec["engine"])
     results = {"engine_start_s": time.perf_counter() - t0, "jobs": []}
     for job in spec["jobs"]:
         base = dict(job.get("sampling", {}))
-        per_prompt = job.get("max_tokens")
-        params = (
-            [SamplingParams(**{**base, "max_tokens": m}) for m in per_prompt]
-            if per_prompt else SamplingParams(**base)
-        )
+        if job.get("structured"):  # e.g. {"regex": ...} or {"json": schema}: vLLM's structured outputs
+            base["structured_outputs"] = StructuredOutputsParams(**job["structured"])
+        n = len(job["prompts"])
+        max_tokens = job.get("max_tokens") or [base.get("max_tokens", 16)] * n
+        extra = job.get("extra_args") or [None] * n  # per prompt, e.g. {"dflash": {"max_draft_tokens": 2}}
+        params = [SamplingParams(**{**base, "max_tokens": m, **({"extra_args": e} if e else {})})
+                  for m, e in zip(max_tokens, extra, strict=True)]
         before = spec_counters(llm)
         t = time.perf_counter()
         outputs = llm.generate(job["prompts"], params, use_tqdm=False)
@@ -85,6 +99,9 @@ def _run_jobs(spec: dict[str, Any]) -> dict[str, Any]:
             "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
             "texts": [o.outputs[0].text for o in outputs],
             "spec": counters_delta(before, spec_counters(llm)),
+            # per request, when the engine runs with per_request_spec_decode_metrics
+            "request_spec": [o.outputs[0].spec_decode_metrics.to_dict() if o.outputs[0].spec_decode_metrics
+                             else None for o in outputs],
         })
     return results
 
