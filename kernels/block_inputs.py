@@ -9,13 +9,25 @@ For request ``r`` with ``n_r`` target tokens in this step (``query_start_loc``),
 
 Context slots are those of every target token of the step at its own position: the rejected
 ones are overwritten by the block's own K/V right after (their positions are the block's).
+
+``block_inputs_ref`` is the PyTorch reference (a handful of kernels and temporaries);
+``block_inputs_triton`` builds everything in one launch, one program per request;
+``block_inputs`` dispatches.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
 
 
 @dataclass
@@ -74,3 +86,76 @@ def block_inputs_ref(
         sample_indices=sample_indices,
         valid_seq_lens=valid_seq_lens.to(torch.int32),
     )
+
+
+if triton is not None:
+
+    def _block_inputs_kernel(qsl_ptr, rejected_ptr, tpos_ptr, next_ptr, table_ptr, seq_lens_ptr,
+                             ids_ptr, pos_ptr, slot_ptr, ctx_slot_ptr, sample_ptr, valid_ptr,
+                             table_stride, max_blocks, kv_block, mask_id,
+                             HAS_REJECTED: tl.constexpr, Q: tl.constexpr, BLOCK_Q: tl.constexpr,
+                             BLOCK_T: tl.constexpr):
+        r = tl.program_id(0)
+        start = tl.load(qsl_ptr + r)
+        end = tl.load(qsl_ptr + r + 1)
+        row = table_ptr + r.to(tl.int64) * table_stride
+        # context tokens of this request, at their own positions
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = t < end
+            p = tl.load(tpos_ptr + t, mask=ok, other=0).to(tl.int64)
+            blk = tl.minimum(p // kv_block, max_blocks - 1)
+            phys = tl.load(row + blk, mask=ok, other=0).to(tl.int64)
+            tl.store(ctx_slot_ptr + t, phys * kv_block + p % kv_block, mask=ok)
+        # the block after the last valid token
+        valid = tl.load(seq_lens_ptr + r).to(tl.int64)
+        if HAS_REJECTED:
+            valid -= tl.load(rejected_ptr + r).to(tl.int64)
+        j = tl.arange(0, BLOCK_Q)
+        ok = j < Q
+        p = valid + j
+        blk = tl.minimum(p // kv_block, max_blocks - 1)
+        phys = tl.load(row + blk, mask=ok, other=0).to(tl.int64)
+        out = r.to(tl.int64) * Q + j
+        nxt = tl.load(next_ptr + r)
+        tl.store(ids_ptr + out, tl.where(j == 0, nxt, mask_id).to(tl.int32), mask=ok)
+        tl.store(pos_ptr + out, p, mask=ok)
+        tl.store(slot_ptr + out, phys * kv_block + p % kv_block, mask=ok)
+        tl.store(sample_ptr + r.to(tl.int64) * (Q - 1) + j - 1, out, mask=ok & (j > 0))
+        tl.store(valid_ptr + r, valid.to(tl.int32))
+
+
+@functools.cache
+def _jitted(interpret: str | None):
+    return triton.jit(_block_inputs_kernel)  # at first use: triton.jit reads TRITON_INTERPRET then
+
+
+def block_inputs_triton(query_start_loc, num_rejected, target_positions, next_token_ids, block_table,
+                        seq_lens, kv_block_size: int, mask_token_id: int, num_drafts: int) -> BlockInputs:
+    num_reqs = next_token_ids.shape[0]
+    num_ctx = target_positions.shape[0]
+    device = target_positions.device
+    q = 1 + num_drafts
+    ids = torch.empty(num_reqs * q, dtype=torch.int32, device=device)
+    pos = torch.empty(num_reqs * q, dtype=torch.int64, device=device)
+    slots = torch.empty(num_reqs * q, dtype=torch.int64, device=device)
+    ctx_slots = torch.empty(num_ctx, dtype=torch.int64, device=device)
+    sample = torch.empty(num_reqs * num_drafts, dtype=torch.int64, device=device)
+    valid = torch.empty(num_reqs, dtype=torch.int32, device=device)
+    if num_reqs:
+        table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+        _jitted(os.environ.get("TRITON_INTERPRET"))[(num_reqs,)](
+            query_start_loc, num_rejected if num_rejected is not None else valid, target_positions,
+            next_token_ids, table, seq_lens, ids, pos, slots, ctx_slots, sample, valid,
+            table.stride(0), table.shape[1], kv_block_size, mask_token_id,
+            HAS_REJECTED=num_rejected is not None, Q=q, BLOCK_Q=triton.next_power_of_2(q), BLOCK_T=64,
+        )
+    return BlockInputs(input_ids=ids, positions=pos, slot_mapping=slots, context_slot_mapping=ctx_slots,
+                       sample_indices=sample, valid_seq_lens=valid)
+
+
+def block_inputs(*args, use_triton: bool | None = None, **kwargs) -> BlockInputs:
+    """The one dispatch point: the Triton kernel on CUDA (or when asked), else the reference."""
+    if use_triton is None:
+        use_triton = triton is not None and args[2].device.type == "cuda"
+    return block_inputs_triton(*args, **kwargs) if use_triton else block_inputs_ref(*args, **kwargs)

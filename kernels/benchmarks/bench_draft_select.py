@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from kernels.draft_select import draft_select_ref, draft_select_triton  # noqa: E402
+# the kernel files are self-contained: import them straight from kernels/ (no install needed)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from draft_select import draft_select_ref, draft_select_triton  # noqa: E402
 
 
 def measure(fn, reps: int = 20) -> tuple[float, int]:
@@ -35,12 +36,27 @@ def measure(fn, reps: int = 20) -> tuple[float, int]:
     return statistics.median(times) * 1e3, torch.cuda.max_memory_allocated() - base
 
 
+def row_meta() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "commit": commit}
+
+
+def append_csv(csv_path: str, rows: list[dict]) -> None:
+    path = Path(csv_path)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--csv", default=str(Path(__file__).with_name("results.csv")))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "run on an NVIDIA GPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     head = torch.randn(151_936, 4096, device="cuda", dtype=torch.bfloat16)
     rows = []
     for batch in (1, 8, 32, 64):
@@ -48,17 +64,9 @@ def main() -> None:
         for name, fn in (("ref", draft_select_ref), ("triton", draft_select_triton)):
             ms, peak = measure(lambda fn=fn, hidden=hidden: fn(hidden, head))
             rows.append({"kernel": "draft_select", "impl": name, "batch": batch, "rows": batch * 15,
-                         "median_ms": round(ms, 4), "peak_mib": round(peak / 2**20, 1),
-                         "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                         "triton": __import__("triton").__version__, "commit": commit})
+                         "median_ms": round(ms, 4), "peak_mib": round(peak / 2**20, 1), **row_meta()})
             print(rows[-1])
-    path = Path(args.csv)
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_csv(args.csv, rows)
 
 
 if __name__ == "__main__":
