@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--target", help="default: the shipped demo pair")
     bench.add_argument("--drafter")
     bench.add_argument("--prompts", help="jsonl of {\"prompt\"} or {\"messages\"} (default: demo held-out prompts)")
-    bench.add_argument("--modes", default="baseline,builtin,plugin")
+    bench.add_argument("--modes", default="baseline,builtin,plugin-fixed,plugin",
+                       help="plugin-fixed: adaptive draft length off; plugin: the default (adaptive)")
     bench.add_argument("--concurrency", default="1,4,16,64")
     bench.add_argument("--reps", type=int, default=3)
     bench.add_argument("--temperature", type=float, default=0.0)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark behind the README's table: demo pair, T=0, concurrency 1,4,16,64, three modes.
+# The benchmark behind the README's table: demo pair, T=0, concurrency 1,4,16,64; modes baseline,
+# builtin, plugin-fixed (adaptive off) and plugin (adaptive, the default).
 # Arguments go to `dflash-vllm bench` (e.g. --target/--drafter/--prompts for a GPU server).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -43,7 +43,7 @@ TARGET = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_k
               intermediate_size=512, max_position_embeddings=1024)
 SEQ_LEN, BATCH, TARGET_STEPS, TARGET_LR = 256, 16, 1000, 2e-3
 N_TRAIN_PROMPTS, PROMPT_TOKENS, RESPONSE_TOKENS, N_EVAL_PROMPTS = 1600, 64, 160, 32
-DRAFTER = dict(block_size=8, num_draft_layers=2, epochs=6, batch_size=8, num_anchors=48, lr=1e-3)
+DRAFTER = dict(block_size=8, num_draft_layers=2, epochs=12, batch_size=8, num_anchors=48, lr=1e-3)
 
 
 def stdlib_files() -> tuple[list[Path], list[Path]]:

@@ -35,14 +35,14 @@ def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
                "--no-compile", "--json", str(out_json), "--plot", str(out_png)])
     assert rc == 0
     res = json.loads(out_json.read_text())
-    assert set(res["modes"]) == {"baseline", "builtin", "plugin"} and not res["errors"]
+    assert set(res["modes"]) == {"baseline", "builtin", "plugin-fixed", "plugin"} and not res["errors"]
     for mode in res["modes"].values():
         for c in ("1", "2"):
             fig = mode["by_concurrency"][c]
             assert fig["tokens_per_s"] > 0 and fig["tpot_ms"] > 0 and len(fig["reps"]) == 2
-    assert res["modes"]["plugin"]["by_concurrency"]["2"]["tau"] >= 1.0
-    assert len(res["modes"]["plugin"]["by_concurrency"]["1"]["per_position_acceptance"]) == 7
-    assert set(res["ratios"]) >= {"plugin/baseline", "plugin/builtin"}
+    assert res["modes"]["plugin-fixed"]["by_concurrency"]["2"]["tau"] >= 1.0
+    assert len(res["modes"]["plugin-fixed"]["by_concurrency"]["1"]["per_position_acceptance"]) == 7
+    assert set(res["ratios"]) >= {"plugin/baseline", "plugin/builtin", "plugin/plugin-fixed"}
     assert len(res["ratios"]["plugin/baseline"]["2"]["per_rep"]) == 2
     assert {"cpu", "vllm", "torch", "commit"} <= set(res["machine"])
     with Image.open(out_png) as img:

@@ -13,20 +13,21 @@ def table_rows(results: dict) -> list[list[str]]:
     concs = [str(c) for c in results["config"]["concurrency"]]
     for c in concs:
         row = [c]
-        for mode in ("baseline", "builtin", "plugin"):
+        for mode in ("baseline", "builtin", "plugin-fixed", "plugin"):
             m = results["modes"].get(mode, {}).get("by_concurrency", {}).get(c)
             row.append("-" if m is None else f"{m['tokens_per_s']:.1f}")
             if mode != "baseline":
                 row.append("-" if m is None or m["tau"] is None else f"{m['tau']:.2f}")
-        for key in ("plugin/baseline", "plugin/builtin"):
+        for key in RATIO_COLUMNS:
             r = results["ratios"].get(key, {}).get(c)
             row.append("-" if not r or r["median"] is None else f"{r['median']:.2f}x")
         rows.append(row)
     return rows
 
 
-HEADER = ["conc.", "baseline tok/s", "builtin tok/s", "builtin tau", "plugin tok/s", "plugin tau",
-          "plugin/baseline", "plugin/builtin"]
+RATIO_COLUMNS = ("plugin/baseline", "plugin/builtin", "plugin/plugin-fixed")
+HEADER = ["conc.", "baseline tok/s", "builtin tok/s", "builtin tau", "fixed tok/s", "fixed tau",
+          "adaptive tok/s", "adaptive tau", "adaptive/baseline", "adaptive/builtin", "adaptive/fixed"]
 
 
 def print_table(results: dict) -> None:

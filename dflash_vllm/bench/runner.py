@@ -1,5 +1,6 @@
-"""``dflash-vllm bench``: plain decoding (``baseline``), vLLM's built-in DFlash (``builtin``) and this
-plugin (``plugin``) on the same prompts and sampling, each mode in its own engine process.
+"""``dflash-vllm bench``: plain decoding (``baseline``), vLLM's built-in DFlash (``builtin``), this
+plugin with fixed-length drafts (``plugin-fixed``) and with adaptive draft length (``plugin``, the
+default) on the same prompts and sampling, each mode in its own engine process.
 
 For each mode, one engine runs a warm-up and then, per concurrency ``c``, ``reps`` batches of ``c``
 requests (offline ``LLM.generate``; repetition ``r`` takes prompts ``r*c .. r*c+c-1``, cycling, the
@@ -19,7 +20,9 @@ from pathlib import Path
 from dflash_vllm.bench.engine_job import EngineJobError, run_engine_jobs
 from dflash_vllm.bench.stats import job_figures, pairwise_ratios, summarize_mode
 
-MODES = ("baseline", "builtin", "plugin")
+MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
+RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
+          ("plugin-fixed", "builtin"), ("builtin", "baseline"))
 
 
 @dataclass
@@ -82,6 +85,10 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
         engine["compilation_config"] = {"mode": 0}
     if mode != "baseline":
         engine["speculative_config"] = {"method": "dflash", "model": cfg.drafter, "num_speculative_tokens": k}
+    if mode == "plugin-fixed":
+        extra = dict(engine.get("additional_config") or {})
+        extra["dflash"] = {**extra.get("dflash", {}), "adaptive": False}
+        engine["additional_config"] = extra
     sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "ignore_eos": True, "seed": 0}
     jobs = [{"name": "warmup", "prompts": cfg.prompts[: min(4, len(cfg.prompts))],
              "sampling": {**sampling, "max_tokens": 16}}]
@@ -110,7 +117,7 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
         results["modes"][mode] = {"engine_start_s": out["engine_start_s"], "by_concurrency": {
             str(c): summarize_mode([job_figures(jobs[f"c{c}_r{r}"], c) for r in range(cfg.reps)])
             for c in cfg.concurrency}}
-    for num, den in (("plugin", "baseline"), ("plugin", "builtin"), ("builtin", "baseline")):
+    for num, den in RATIOS:
         if num in results["modes"] and den in results["modes"]:
             results["ratios"][f"{num}/{den}"] = {
                 str(c): pairwise_ratios(
