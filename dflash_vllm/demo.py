@@ -72,8 +72,12 @@ def run_demo(target: str | None, drafter: str | None, max_tokens: int, num_specu
     tps = {m: r["num_output_tokens"] / r["wall_s"] for m, r in results.items()}
     tau = ours["spec"]["acceptance_length"]
     print(f"greedy output identical to plain decoding: {same}")
-    print(f"mean acceptance length (tau): {tau:.2f}  (drafts {ours['spec']['num_drafts']}, "
-          f"accepted {ours['spec']['num_accepted_tokens']} of {ours['spec']['num_draft_tokens']} draft tokens)")
+    if tau is None:
+        print("no drafts were sent: adaptive draft length found none worth verifying on this pair")
+    else:
+        print(f"mean acceptance length (tau): {tau:.2f}  (drafts {ours['spec']['num_drafts']}, accepted "
+              f"{ours['spec']['num_accepted_tokens']} of {ours['spec']['num_draft_tokens']} draft tokens; "
+              "adaptive draft length on)")
     print(f"output tokens/s: plain {tps['plain decoding']:.1f}, dflash-vllm {tps['dflash-vllm']:.1f}  "
           f"-> speed ratio {tps['dflash-vllm'] / tps['plain decoding']:.2f}x")
     if tmp is not None:

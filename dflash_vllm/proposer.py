@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 from vllm.config import VllmConfig, get_layers_from_vllm_config
 from vllm.forward_context import set_forward_context
@@ -92,7 +93,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                          if self.options.adaptive and self.variable_lengths else None)
         self._sync = device.type == "cuda"
         self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
-        self._sent: dict[str, tuple[torch.Tensor, int]] = {}  # req_id -> (confidences, drafts sent)
+        self._sent: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (confidences, drafts sent)
         self.stats = {"steps": 0, "plain_steps": 0, "drafted": 0, "accepted": 0}
         self._profiling = False
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
@@ -232,16 +233,17 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         drafts = drafts.view(num_reqs, k)
         if draft_probs is not None:
             self._last_draft_probs = draft_probs.view(num_reqs, k, -1).contiguous()
-        if req_ids is None:  # async scheduling: vLLM wants a fixed [R, K] tensor
+        if req_ids is None or (ctl is None and caps is None):  # fixed [R, K]: vLLM takes the tensor
             return drafts
 
-        conf = conf.view(num_reqs, k).float().cpu()
-        caps_t = torch.full((num_reqs,), k, dtype=torch.long) if caps is None else caps
+        conf = conf.view(num_reqs, k).float().cpu().numpy()
+        caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
         if ctl is not None:
-            lengths = ctl.cut(conf, caps_t)
-            ctl.end_step(self._now(), num_reqs, num_reqs * (1 + k), self._now() - t_draft)
+            lengths = ctl.cut(conf, caps_np)
+            now = self._now()
+            ctl.end_step(now, num_reqs, num_reqs * (1 + k), now - t_draft)
         else:
-            lengths = caps_t
+            lengths = caps_np
         rows = drafts.cpu().tolist()
         out = []
         for i, rid in enumerate(req_ids):
@@ -264,7 +266,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         ids = self._runner.input_batch.req_ids
         return list(ids[:num_reqs])
 
-    def _request_caps(self, req_ids: list[str], k: int) -> torch.Tensor | None:
+    def _request_caps(self, req_ids: list[str], k: int) -> np.ndarray | None:
         """[R] per-request draft caps from ``extra_args``; None when no request sets one."""
         if len(self._caps) > 4 * max(64, len(req_ids)):
             self._caps = {r: c for r, c in self._caps.items() if r in set(req_ids)}
@@ -283,7 +285,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 self._caps[rid] = cap
             any_cap |= cap < k
             caps.append(min(cap, k))
-        return torch.tensor(caps, dtype=torch.long) if any_cap else None
+        return np.array(caps, dtype=np.int64) if any_cap else None
 
     def _learn_from_last_step(self, req_ids: list[str], cad: CommonAttentionMetadata,
                               num_rejected: torch.Tensor | None) -> None:
@@ -303,11 +305,11 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             a = max(0, n - int(rejected[i]))
             self.stats["drafted"] += n
             self.stats["accepted"] += a
-            confs.append(torch.nn.functional.pad(c, (0, self.num_speculative_tokens - n)))
+            confs.append(np.pad(c, (0, self.num_speculative_tokens - n)))
             lengths.append(n)
             accepted.append(a)
         if confs and self.adaptive is not None:
-            self.adaptive.observe_outcomes(torch.stack(confs), torch.tensor(lengths), torch.tensor(accepted))
+            self.adaptive.observe_outcomes(np.stack(confs), np.array(lengths), np.array(accepted))
 
     def _block_forward(self, cad: CommonAttentionMetadata, inputs, num_reqs: int, k: int) -> torch.Tensor:
         q = 1 + k

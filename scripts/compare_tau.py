@@ -37,7 +37,9 @@ def main() -> None:
     out = {"prompts": len(prompts), "max_tokens": args.max_tokens, "num_speculative_tokens": k}
     out["reference"] = evaluate(args.target, args.drafter, prompts, args.max_tokens)
     for mode, env in (("plugin", {}), ("builtin", {"DFLASH_VLLM_DISABLE": "1"})):
-        spec = run_engine_jobs({"engine": engine_args(Path(args.target), Path(args.drafter), k),
+        engine = engine_args(Path(args.target), Path(args.drafter), k)
+        engine["additional_config"] = {"dflash": {"adaptive": False}}  # full blocks, as the reference
+        spec = run_engine_jobs({"engine": engine,
                                 "jobs": [job], "env": env})["jobs"][0]["spec"]
         drafts = spec["num_drafts"]
         spec["per_position_acceptance"] = [a / drafts for a in spec["accepted_per_pos"]] if drafts else []

@@ -99,6 +99,7 @@ def exchanges(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     with vllm_server(target, log_path=tmp / "plain.log") as base:
         plain = _exchange(base, target)
+        plain["runtime"] = [_request_status(base, target, kw) for kw in RUNTIME_BAD]
     with vllm_server(target, drafter, log_path=tmp / "plugin.log") as base:
         before = _accepted(base)
         ours = _exchange(base, target)
@@ -109,6 +110,20 @@ def exchanges(tmp_path_factory):
 
 
 BAD_XARGS = [{"dflash_max_draft_tokens": -1}, {"dflash_colour": "red"}, {"dflash_disable": "maybe"}]
+# vLLM's own request errors, through the plugin: an empty prompt, max_tokens 0 or past the context,
+# a prompt longer than the context (the demo target's max_model_len is 1024)
+RUNTIME_BAD = [{"prompt": ""}, {"max_tokens": 0}, {"max_tokens": 100_000}, {"prompt": "x = 1\n" * 2000}]
+
+
+def _request_status(base: str, target, kwargs: dict) -> tuple[int | None, str]:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+    try:
+        client.completions.create(model=str(target), **{"prompt": PROMPTS[1], "max_tokens": 8, **kwargs})
+    except openai.APIStatusError as err:
+        return err.status_code, str(err)
+    return None, "accepted"
 
 
 def _per_request_options(base: str, target) -> dict:
@@ -123,18 +138,15 @@ def _per_request_options(base: str, target) -> dict:
         return client.completions.create(model=str(target), prompt=PROMPTS[0], max_tokens=40, temperature=0,
                                          extra_body={"vllm_xargs": xargs}).choices[0].text
 
-    def bad(xargs):
-        try:
-            client.completions.create(model=str(target), prompt=PROMPTS[1], max_tokens=8,
-                                      extra_body={"vllm_xargs": xargs})
-        except openai.BadRequestError as err:
-            return err.status_code, str(err)
-        return None, "accepted"
+    def bad(kwargs):
+        return _request_status(base, target, kwargs)
 
     with ThreadPoolExecutor(8) as pool:
         goods = [pool.submit(good, x) for x in ({"dflash_max_draft_tokens": 2}, {"dflash_disable": 1}, {})]
-        bads = [pool.submit(bad, x) for x in BAD_XARGS]
-        return {"good": [f.result() for f in goods], "bad": [f.result() for f in bads]}
+        bads = [pool.submit(bad, {"extra_body": {"vllm_xargs": x}}) for x in BAD_XARGS]
+        runtime = [pool.submit(bad, kw) for kw in RUNTIME_BAD]
+        return {"good": [f.result() for f in goods], "bad": [f.result() for f in bads],
+                "runtime": [f.result() for f in runtime], "after": good({})}
 
 
 def test_server_texts_equal_plain(exchanges):
@@ -157,6 +169,16 @@ def test_server_per_request_options(exchanges):
                                       strict=True):
         assert status == 400, message
         assert key in message, message
+
+
+def test_server_runtime_bad_input_fails_that_request_only(exchanges):
+    plain, ours, *_ = exchanges
+    """vLLM's usual answer (the plain server's) for each, while other requests run alongside."""
+    got = [status for status, _ in ours["per_request"]["runtime"]]
+    assert got == [status for status, _ in plain["runtime"]], (got, ours["per_request"]["runtime"])
+    assert got[-1] == 400, "a prompt longer than the context is a client error"
+    assert all(s is None or 400 <= s < 500 for s in got), got
+    assert ours["per_request"]["after"] == plain["completions"][0], "the server carries on"
 
 
 def test_server_exports_draft_length_histogram(exchanges):
