@@ -229,14 +229,16 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
 
         t_draft = self._now() if ctl is not None else 0.0
         hidden = self._block_forward(cad, inputs, num_reqs, k)
-        drafts, conf, draft_probs = self._select(hidden[inputs.sample_indices], sampling_metadata)
+        drafts, conf, draft_probs = self._select(hidden[inputs.sample_indices], sampling_metadata,
+                                                 need_conf=ctl is not None)
         drafts = drafts.view(num_reqs, k)
         if draft_probs is not None:
             self._last_draft_probs = draft_probs.view(num_reqs, k, -1).contiguous()
         if req_ids is None or (ctl is None and caps is None):  # fixed [R, K]: vLLM takes the tensor
             return drafts
 
-        conf = conf.view(num_reqs, k).float().cpu().numpy()
+        conf = (np.zeros((num_reqs, k)) if conf is None  # fixed lengths with per-request caps
+                else conf.view(num_reqs, k).float().cpu().numpy())
         caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
         if ctl is not None:
             lengths = ctl.cut(conf, caps_np)
@@ -336,16 +338,19 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         ):
             return self.model(input_ids=inputs.input_ids, positions=inputs.positions)
 
-    def _select(self, hidden: torch.Tensor, sampling_metadata):
-        """Draft tokens [N], the drafter's probability of each [N], and vLLM's draft probs (sampled
-        drafting) or None."""
+    def _select(self, hidden: torch.Tensor, sampling_metadata, need_conf: bool):
+        """Draft tokens [N], the drafter's probability of each [N] (None unless ``need_conf``: the
+        adaptive cut is its only user), and vLLM's draft probs (sampled drafting) or None."""
         if not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy:
             if self._use_draft_select:
                 tokens, prob, _ = draft_select(hidden, self._lm_head_weight, use_triton=True)
                 return tokens, prob, None
             logits = self.model.compute_logits(hidden)
             tokens = logits.argmax(dim=-1)  # exactly vLLM's greedy draft
-            prob = torch.softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+            if not need_conf:
+                return tokens, None, None
+            logits = logits.float()  # p(argmax) = exp(max - logsumexp): no [N, V] softmax written
+            prob = torch.exp(logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
             return tokens, prob, None
         drafts, probs = self._sample_draft_tokens(hidden, sampling_metadata)
         return drafts, probs.gather(-1, drafts.long()[:, None]).squeeze(-1), probs
