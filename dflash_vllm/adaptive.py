@@ -240,8 +240,6 @@ class AdaptiveController:
         self.calibrator = AcceptanceCalibrator(max_drafts)
         self._last_end: float | None = None
         self._decision: tuple[tuple[int, int, int], bool, int] | None = None  # (key, answer, age)
-        self.steps = 0
-        self.plain_steps = 0
 
     def begin_step(self, now: float, num_tokens: int) -> None:
         if self._last_end is not None:
@@ -249,11 +247,8 @@ class AdaptiveController:
 
     def end_step(self, now: float, num_reqs: int = 0, draft_tokens: int = 0, draft_seconds: float = 0.0) -> None:
         self._last_end = now
-        self.steps += 1
         if draft_tokens:
             self.draft_cost.observe(draft_tokens, draft_seconds)
-        else:
-            self.plain_steps += 1
 
     def observe_outcomes(self, conf, lengths, accepted) -> None:
         self.calibrator.observe(conf, lengths, accepted)

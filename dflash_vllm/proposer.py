@@ -94,7 +94,6 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self._sync = device.type == "cuda"
         self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
         self._sent: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (confidences, drafts sent)
-        self.stats = {"steps": 0, "plain_steps": 0, "drafted": 0, "accepted": 0}
         self._profiling = False
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         kernels = self.options.kernels
@@ -218,9 +217,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 from vllm.distributed import get_tp_group
 
                 drafting = bool(get_tp_group().broadcast_object(drafting, src=0))
-        self.stats["steps"] += 1
         if not drafting:
-            self.stats["plain_steps"] += 1
             if ctl is not None:
                 ctl.end_step(self._now())
             if req_ids is None:
@@ -251,7 +248,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         for i, rid in enumerate(req_ids):
             n = int(lengths[i])
             out.append(rows[i][:n])
-            if n:
+            if n and ctl is not None:  # the calibration learns from these next step
                 self._sent[rid] = (conf[i, :n], n)
         return out
 
@@ -291,9 +288,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
 
     def _learn_from_last_step(self, req_ids: list[str], cad: CommonAttentionMetadata,
                               num_rejected: torch.Tensor | None) -> None:
-        """How many of the drafts sent last step vLLM accepted, per request (calibration, stats)."""
+        """How many of the drafts sent last step vLLM accepted, per request: the calibration's input."""
         sent, self._sent = self._sent, {}
-        if not sent or num_rejected is None:
+        if not sent or num_rejected is None or self.adaptive is None:
             return
         rejected = num_rejected.tolist()
         qsl = cad.query_start_loc_cpu.tolist()
@@ -305,12 +302,10 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if qsl[i + 1] - qsl[i] - 1 != n:  # the scheduler did not verify what we sent: skip
                 continue
             a = max(0, n - int(rejected[i]))
-            self.stats["drafted"] += n
-            self.stats["accepted"] += a
             confs.append(np.pad(c, (0, self.num_speculative_tokens - n)))
             lengths.append(n)
             accepted.append(a)
-        if confs and self.adaptive is not None:
+        if confs:
             self.adaptive.observe_outcomes(np.stack(confs), np.array(lengths), np.array(accepted))
 
     def _block_forward(self, cad: CommonAttentionMetadata, inputs, num_reqs: int, k: int) -> torch.Tensor:
