@@ -9,8 +9,10 @@ Three pieces, each a plain object or function so that they can be tested without
   rejection sampler actually accepts.
 * ``choose_draft_lengths``: the cut rule. Expected tokens per step over expected seconds per step
   is the throughput; drafts are added in order of expected gain while they raise it.
-  ``speculation_pays`` asks the same question before the drafter runs, from the calibrated
-  per-position rates alone: when no draft pays at the current load, the step is plain decoding.
+  ``choose_requests`` asks the same question before the drafter runs, per request, from the
+  calibrated per-position rates and how each request has fared so far (``RequestFactors``): the
+  drafter runs only for requests whose drafts pay at the current load, and when none does the
+  step is plain decoding.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ class StepCostModel:
     """Seconds per step as a piecewise-linear function of the tokens in the step.
 
     Points live in half-octave buckets of the token count. A bucket with enough online
-    observations uses them (an exponential moving average); otherwise its profiled value, scaled
-    by how far observed steps run from the profile where both are known. Beyond the largest
-    known point the cost grows with the slope of the last two points (never less than flat).
+    observations uses them (an exponential moving average); otherwise its profiled value plus the
+    fixed overhead that observed steps show over the profile where both are known (the profile
+    times the model alone; a live step adds the scheduler, the sampler and the drafter's context
+    pass, which barely grow with the tokens). Beyond the largest known point the cost grows with
+    the slope of the last two points (never less than flat).
     """
 
     def __init__(self, ema: float = 0.2, min_observations: int = 2, refresh_every: int = 16):
@@ -76,14 +80,14 @@ class StepCostModel:
     def known(self) -> bool:
         return bool(self.profile) or any(v[2] >= self.min_observations for v in self.online.values())
 
-    def _scale(self) -> float:
-        ratios = sorted(v[1] / self.profile[b][1] for b, v in self.online.items()
-                        if v[2] >= self.min_observations and b in self.profile)
-        return ratios[len(ratios) // 2] if ratios else 1.0
+    def _offset(self) -> float:
+        gaps = sorted(v[1] - self.profile[b][1] for b, v in self.online.items()
+                      if v[2] >= self.min_observations and b in self.profile)
+        return gaps[len(gaps) // 2] if gaps else 0.0
 
     def points(self) -> list[tuple[float, float]]:
-        scale = self._scale()
-        merged = {b: (n, s * scale) for b, (n, s) in self.profile.items()}
+        offset = self._offset()
+        merged = {b: (n, max(s + offset, 1e-6)) for b, (n, s) in self.profile.items()}
         for b, (n, s, c) in self.online.items():
             if c >= self.min_observations or b not in merged:
                 merged[b] = (n, s)
@@ -205,21 +209,147 @@ def choose_draft_lengths(acceptance, step_cost: CostFn, base_tokens: int | None 
     return np.bincount(chosen // k, minlength=r).astype(np.int64) if k else np.zeros(r, dtype=np.int64)
 
 
-def speculation_pays(rates, num_reqs: int, step_cost: CostFn, draft_cost: float,
-                     base_tokens: int | None = None, max_len: int | None = None) -> bool:
-    """Whether drafting (paying ``draft_cost``) beats a plain step at this load, judged from the
-    per-position rates [K] alone (before the drafter has run)."""
-    rates = np.asarray(rates, dtype=np.float64)
-    if num_reqs <= 0 or rates.size == 0:
-        return False
-    base = num_reqs if base_tokens is None else base_tokens
-    k = rates.size if max_len is None else min(max_len, rates.size)
-    if k <= 0:
-        return False
-    gains = np.broadcast_to(np.cumprod(np.clip(rates[:k], 0, 1)), (num_reqs, k))
-    _, spec_rate = _best_prefix(gains, num_reqs, base, step_cost, draft_cost)
-    plain_rate = num_reqs / float(np.asarray(step_cost(np.array([float(base)])))[0])
-    return spec_rate > plain_rate
+def choose_requests(gains, step_cost: CostFn, draft_cost: CostFn, block_tokens: int,
+                    base_tokens: int | None = None) -> np.ndarray:
+    """Which requests the drafter runs for this step, before it runs: [R] bool, all False for a
+    plain decoding step.
+
+    ``gains`` [R, K]: each request's expected gain from its draft ``i`` (the product of acceptances
+    up to ``i``; 0 past a cap). ``draft_cost(query_tokens)``: seconds of a block pass over that
+    many query tokens, ``block_tokens`` per request. A draft is counted when it pays for its own
+    verification at the plain step's rate; requests are then taken in order of expected gain for
+    as long as they raise the step's expected tokens per second, drafter included.
+    """
+    gains = np.asarray(gains, dtype=np.float64)
+    r, k = gains.shape
+    sel = np.zeros(r, dtype=bool)
+    if r == 0 or k == 0:
+        return sel
+    base = float(r if base_tokens is None else base_tokens)
+    plain, full = (float(c) for c in np.asarray(step_cost(np.array([base, base + r * k])), dtype=np.float64))
+    price = (r / plain) * max(full - plain, 0.0) / (r * k)  # tokens/s forgone per verified token
+    counted = gains > price
+    g, n = (gains * counted).sum(1), counted.sum(1)
+    order = np.argsort(-g, kind="stable")
+    order = order[g[order] > 0]
+    if order.size == 0:
+        return sel
+    m = np.arange(order.size + 1)
+    tokens = r + np.concatenate(([0.0], np.cumsum(g[order])))
+    verified = base + np.concatenate(([0.0], np.cumsum(n[order])))
+    drafting = np.where(m > 0, np.asarray(draft_cost(block_tokens * np.maximum(m, 1)), dtype=np.float64), 0.0)
+    rate = tokens / (np.asarray(step_cost(verified), dtype=np.float64) + drafting)
+    sel[order[: int(np.argmax(rate))]] = True  # first maximum: plain decoding among equals
+    return sel
+
+
+class RequestFactors:
+    """How each running request fares against the pooled per-position rates: its accepted drafts
+    over the drafts the rates expected of it, both decaying, shrunk toward 1 while evidence is thin.
+
+    A request whose drafts keep failing (text the drafter cannot predict) drops out of the block
+    pass. While it is left out its evidence fades (``idle_decay`` per step), so it is retried now
+    and then and comes back when the text turns predictable.
+    """
+
+    def __init__(self, decay: float = 0.7, idle_decay: float = 0.93, prior: float = 1.0):
+        self.decay = decay
+        self.idle_decay = idle_decay
+        self.prior = prior
+        self._state: dict[str, list[float]] = {}  # req_id -> [accepted, expected]
+
+    def factors(self, req_ids: list[str]) -> np.ndarray:
+        out = np.ones(len(req_ids))
+        for i, rid in enumerate(req_ids):
+            st = self._state.get(rid)
+            if st is not None:
+                out[i] = (st[0] + self.prior) / (st[1] + self.prior)
+        return out
+
+    def observe(self, req_id: str, accepted: float, expected: float) -> None:
+        st = self._state.setdefault(req_id, [0.0, 0.0])
+        st[0] = self.decay * st[0] + accepted
+        st[1] = self.decay * st[1] + expected
+
+    def idle(self, req_ids) -> None:
+        for rid in req_ids:
+            st = self._state.get(rid)
+            if st is not None:
+                st[0] *= self.idle_decay
+                st[1] *= self.idle_decay
+
+    def prune(self, live: list[str]) -> None:
+        if len(self._state) > 4 * max(64, len(live)):
+            keep = set(live)
+            self._state = {r: v for r, v in self._state.items() if r in keep}
+
+
+class PlainOrDraft:
+    """What the engine actually delivers: tokens per second of drafting steps and of plain steps,
+    measured per batch-size bucket over whole step cycles (drafter, target, scheduler, sampler and
+    output processing alike), so costs the step model does not see still count.
+
+    The better mode is used; the other is retried now and then, less often the further behind it
+    is (every ``explore_base * ratio**2`` steps, at most ``explore_max``), so a change of load or
+    text is noticed while a clear loser costs almost nothing.
+    """
+
+    MODES = ("plain", "draft")
+
+    def __init__(self, ema: float = 0.15, min_observations: int = 3, explore_base: float = 16.0,
+                 explore_max: int = 256, max_step_s: float = 2.0):
+        self.ema = ema
+        self.min_observations = min_observations
+        self.explore_base = explore_base
+        self.explore_max = explore_max
+        self.max_step_s = max_step_s
+        self.rates: dict[int, dict[str, list[float]]] = {}  # bucket -> mode -> [tokens/s, count]
+        self._since: dict[int, int] = {}
+
+    @staticmethod
+    def bucket(num_reqs: int) -> int:
+        return round(2 * math.log2(max(1, num_reqs)))
+
+    def _known(self, b: int) -> dict[str, list[float]]:
+        return {m: v for m, v in self.rates.get(b, {}).items() if v[1] >= self.min_observations}
+
+    def prefer_draft(self, num_reqs: int) -> bool:
+        b = self.bucket(num_reqs)
+        known = self._known(b)
+        if "draft" not in known:
+            return True  # learn what drafting delivers first, then what plain steps do
+        if "plain" not in known:
+            return False
+        draft, plain = known["draft"][0], known["plain"][0]
+        best = draft >= plain
+        ratio = max(draft, plain) / max(min(draft, plain), 1e-9)
+        n = self._since.get(b, 0) + 1
+        if n >= min(self.explore_max, self.explore_base * ratio**2):
+            self._since[b] = 0
+            return not best
+        self._since[b] = n
+        return best
+
+    def observe(self, num_reqs: int, drafted: bool, tokens: float, seconds: float) -> bool:
+        """One step cycle: ``num_reqs`` requests, whether drafts were sent, tokens it produced."""
+        if num_reqs <= 0 or not seconds > 0:
+            return False
+        b = self.bucket(num_reqs)
+        mode = self.MODES[int(drafted)]
+        known = self._known(b)
+        usual = max((v[0] for v in known.values()), default=None)
+        # an idle gap (no requests for a while) is not a step
+        if seconds > (self.max_step_s if usual is None else 5 * tokens / usual + 1e-3):
+            return False
+        cur = self.rates.setdefault(b, {}).get(mode)
+        rate = tokens / seconds
+        if cur is None:
+            self.rates[b][mode] = [rate, 1.0]
+        else:
+            a = max(self.ema, 1.0 / (cur[1] + 1))
+            cur[0] += a * (rate - cur[0])
+            cur[1] += 1
+        return True
 
 
 class AdaptiveController:
@@ -227,19 +357,31 @@ class AdaptiveController:
 
     ``begin_step`` times the target step that just ran (the gap since the last ``end_step``),
     ``observe_outcomes`` learns from how many of last step's drafts vLLM accepted,
-    ``should_draft`` decides before the drafter runs, ``cut`` after, ``end_step`` closes the step.
-    The pre-draft decision depends on the load and slowly-moving estimates only: it is reused for
-    ``recheck_every`` steps at the same batch size.
+    ``select`` picks the requests the drafter runs for (none: a plain step), ``cut`` their
+    lengths once it ran, ``end_step`` closes the step.
     """
 
-    def __init__(self, max_drafts: int, recheck_every: int = 8):
+    def __init__(self, max_drafts: int):
         self.max_drafts = max_drafts
-        self.recheck_every = recheck_every
         self.step_cost = StepCostModel()
         self.draft_cost = StepCostModel()
         self.calibrator = AcceptanceCalibrator(max_drafts)
+        self.requests = RequestFactors()
+        self.modes = PlainOrDraft()
         self._last_end: float | None = None
-        self._decision: tuple[tuple[int, int, int], bool, int] | None = None  # (key, answer, age)
+        self._cycle: tuple[float, int, int] | None = None  # (start, requests, tokens sent to verify)
+
+    def close_cycle(self, now: float, num_tokens: int, accepted: int) -> None:
+        """At the start of a step: the previous step's cycle produced one token per request plus the
+        drafts vLLM accepted. A cycle whose next step also prefilled new prompts is not counted."""
+        if self._cycle is not None:
+            start, num_reqs, verify_tokens = self._cycle
+            if num_tokens <= verify_tokens:
+                self.modes.observe(num_reqs, verify_tokens > num_reqs, num_reqs + accepted, now - start)
+        self._cycle = None
+
+    def open_cycle(self, now: float, num_reqs: int, num_drafts: int) -> None:
+        self._cycle = (now, num_reqs, num_reqs + num_drafts)
 
     def begin_step(self, now: float, num_tokens: int) -> None:
         if self._last_end is not None:
@@ -250,27 +392,44 @@ class AdaptiveController:
         if draft_tokens:
             self.draft_cost.observe(draft_tokens, draft_seconds)
 
-    def observe_outcomes(self, conf, lengths, accepted) -> None:
+    def _draft_seconds(self, query_tokens) -> np.ndarray:
+        if not self.draft_cost.known():
+            return np.zeros(np.shape(query_tokens))
+        return self.draft_cost.cost(query_tokens)
+
+    def observe_outcomes(self, conf, lengths, accepted, req_ids: list[str] | None = None) -> None:
+        """Drafts sent last step: their confidences [R, K], how many were sent and accepted [R]."""
         self.calibrator.observe(conf, lengths, accepted)
+        if req_ids is not None:
+            expected = np.concatenate(([0.0], np.cumsum(np.cumprod(self.calibrator.position_rates(self.max_drafts)))))
+            for rid, n, a in zip(req_ids, lengths, accepted, strict=True):
+                self.requests.observe(rid, float(a), float(expected[int(n)]))
 
-    def _draft_seconds(self, query_tokens: int) -> float:
-        return self.draft_cost.cost1(query_tokens) if self.draft_cost.known() else 0.0
-
-    def should_draft(self, num_reqs: int, block_tokens: int, max_len: int) -> bool:
-        """Before the drafter runs: does a block of ``block_tokens`` query tokens pay at this load?"""
-        if max_len <= 0:
-            return False
+    def select(self, req_ids: list[str], caps: np.ndarray, block_tokens: int) -> np.ndarray:
+        """Before the drafter runs: [R] bool, the requests whose drafts pay at this load."""
+        caps = np.asarray(caps)
+        if not self.modes.prefer_draft(len(req_ids)):
+            self.requests.idle([rid for rid, c in zip(req_ids, caps, strict=True) if c > 0])
+            return np.zeros(len(req_ids), dtype=bool)
         if not self.step_cost.known():
-            return True  # nothing measured yet: draft, and learn
-        key = (num_reqs, block_tokens, max_len)
-        if self._decision is not None and self._decision[0] == key and self._decision[2] < self.recheck_every:
-            self._decision = (key, self._decision[1], self._decision[2] + 1)
-            return self._decision[1]
-        rates = self.calibrator.position_rates(self.max_drafts)
-        answer = speculation_pays(rates, num_reqs, self.step_cost.cost, self._draft_seconds(block_tokens),
-                                  max_len=max_len)
-        self._decision = (key, answer, 1)
-        return answer
+            return caps > 0  # nothing measured yet: draft, and learn
+        self.requests.prune(req_ids)
+        k = self.max_drafts
+        curve = np.cumprod(self.calibrator.position_rates(k))
+        gains = np.minimum(self.requests.factors(req_ids)[:, None] * curve[None], 0.999)
+        gains = np.where(np.arange(k)[None] >= caps[:, None], 0.0, gains)
+        sel = choose_requests(gains, self.step_cost.cost, self._draft_seconds, block_tokens)
+        self.requests.idle([rid for rid, s, c in zip(req_ids, sel, caps, strict=True) if not s and c > 0])
+        return sel
+
+    def describe(self) -> str:
+        """One line of the controller's current estimates (for logs)."""
+        def pts(m: StepCostModel) -> str:
+            return " ".join(f"{n:.0f}:{1e3 * s:.1f}" for n, s in m.points())
+        modes = " ".join(f"{2 ** (b / 2):.0f}:" + "/".join(f"{m}={v[0]:.0f}({v[1]:.0f})" for m, v in sorted(d.items()))
+                         for b, d in sorted(self.modes.rates.items()))
+        return (f"step ms [{pts(self.step_cost)}] draft ms [{pts(self.draft_cost)}] rates "
+                f"{np.round(self.calibrator.position_rates(self.max_drafts), 2).tolist()} tokens/s [{modes}]")
 
     def cut(self, conf, caps) -> np.ndarray:
         """After the drafter ran (its cost is spent): [R] draft lengths from its confidences [R, K]."""

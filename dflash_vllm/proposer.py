@@ -37,7 +37,7 @@ from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 from dflash_vllm import __version__
 from dflash_vllm.adaptive import AdaptiveController
 from dflash_vllm.checkpoint import DFlashConfigError, feature_index, parse_draft_spec
-from dflash_vllm.kernels import block_inputs, draft_select, triton_usable
+from dflash_vllm.kernels import block_inputs, context_slots, draft_select, triton_usable
 from dflash_vllm.options import DFlashRequestError, parse_options, parse_request_options
 
 logger = init_logger("vllm.dflash_vllm.proposer")
@@ -95,6 +95,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
         self._sent: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (confidences, drafts sent)
         self._profiling = False
+        self._steps = 0
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         kernels = self.options.kernels
         if kernels == "triton" and not triton_usable(device):
@@ -183,11 +184,15 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         k = num_speculative_tokens
         self._last_draft_probs = None
         ctl = self.adaptive
+        t_begin = 0.0
         if ctl is not None:
-            ctl.begin_step(self._now(), cad.num_actual_tokens)
+            t_begin = self._now()
+            ctl.begin_step(t_begin, cad.num_actual_tokens)
+            self._steps += 1
+            if self._steps % 500 == 0:
+                logger.debug("dflash-vllm adaptive: %s", ctl.describe())
 
-        # KV injection for every target token of the step (also when no drafts are wanted:
-        # the next step's blocks attend to this context).
+        # KV injection for every target token of the step (below; also when no drafts are wanted).
         features = self._features(target_hidden_states)
         if self._dump_path and len(self._dumped) < DUMP_STEPS:
             # clone: on CPU ``.cpu()`` is the runner's persistent buffer, rewritten by later steps
@@ -197,59 +202,78 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                                  "features": features.float().cpu().clone()})
             torch.save(self._dumped, self._dump_path)
         context = self.model.fuse_context(features)
+
+        req_ids = self._batch_req_ids(num_reqs)
+        caps = None
+        if req_ids is not None:
+            accepted = self._learn_from_last_step(req_ids, cad, num_rejected_tokens_gpu)
+            if ctl is not None:
+                ctl.close_cycle(t_begin, cad.num_actual_tokens, accepted)
+            caps = self._request_caps(req_ids, k)
+        caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
+        drafting = k > 0 and bool(caps_np.max(initial=0) > 0) and not self._profiling
+        rows = None  # requests the block pass runs for; None: all of them
+        if drafting and ctl is not None:
+            sel = ctl.select(req_ids, caps_np, 1 + k)
+            if self._tp_size > 1:  # ranks time their own steps: rank 0 decides for all (collectives)
+                from vllm.distributed import get_tp_group
+
+                sel = np.asarray(get_tp_group().broadcast_object(sel.tolist(), src=0), dtype=bool)
+            drafting = bool(sel.any())
+            if drafting and not sel.all():
+                rows = np.flatnonzero(sel)
+        elif drafting and caps is not None and not (caps > 0).all():  # fixed lengths: skip disabled requests
+            rows = np.flatnonzero(caps > 0)
+        if not drafting:  # the context alone: the next steps' blocks attend to it
+            slots = context_slots(cad.query_start_loc, target_positions, cad.block_table_tensor, self.block_size,
+                                  num_reqs)
+            self.model.write_context_kv(context, target_positions, slots)
+            if ctl is not None:
+                ctl.end_step(self._now())
+                ctl.open_cycle(t_begin, num_reqs, 0)
+            if req_ids is None:
+                return torch.empty(num_reqs, 0, dtype=torch.int64, device=target_positions.device)
+            return [[] for _ in range(num_reqs)]
+
         inputs = block_inputs(
             cad.query_start_loc, num_rejected_tokens_gpu, target_positions, next_token_ids,
             cad.block_table_tensor, cad.seq_lens, self.block_size, self.mask_token_id, k,
             use_triton=self._triton_inputs,
         )
         self.model.write_context_kv(context, target_positions, inputs.context_slot_mapping)
-
-        req_ids = self._batch_req_ids(num_reqs)
-        caps = None
-        if req_ids is not None:
-            self._learn_from_last_step(req_ids, cad, num_rejected_tokens_gpu)
-            caps = self._request_caps(req_ids, k)
-        max_len = k if caps is None else int(caps.max()) if num_reqs else 0
-        drafting = k > 0 and max_len > 0 and not self._profiling
-        if drafting and ctl is not None:
-            drafting = ctl.should_draft(num_reqs, num_reqs * (1 + k), max_len)
-            if self._tp_size > 1:  # ranks time their own steps: rank 0 decides for all (collectives)
-                from vllm.distributed import get_tp_group
-
-                drafting = bool(get_tp_group().broadcast_object(drafting, src=0))
-        if not drafting:
-            if ctl is not None:
-                ctl.end_step(self._now())
-            if req_ids is None:
-                return torch.empty(num_reqs, 0, dtype=torch.int64, device=target_positions.device)
-            return [[] for _ in range(num_reqs)]
-
         t_draft = self._now() if ctl is not None else 0.0
-        hidden = self._block_forward(cad, inputs, num_reqs, k)
-        drafts, conf, draft_probs = self._select(hidden[inputs.sample_indices], sampling_metadata,
-                                                 need_conf=ctl is not None)
-        drafts = drafts.view(num_reqs, k)
-        if draft_probs is not None:
-            self._last_draft_probs = draft_probs.view(num_reqs, k, -1).contiguous()
+        num_drafted = num_reqs if rows is None else len(rows)
+        hidden = self._block_forward(cad, inputs, rows, k)
+        drafts, conf, draft_probs = self._select(hidden[inputs.sample_indices[: num_drafted * k]],
+                                                 sampling_metadata, need_conf=ctl is not None)
+        drafts = drafts.view(num_drafted, k)
+        if draft_probs is not None:  # sampled drafting: vLLM reads row i's first len(drafts[i])
+            probs = draft_probs.view(num_drafted, k, -1)
+            if rows is not None:
+                full = probs.new_zeros(num_reqs, k, probs.shape[-1])
+                full[torch.from_numpy(rows).to(full.device)] = probs
+                probs = full
+            self._last_draft_probs = probs.contiguous()
         if req_ids is None or (ctl is None and caps is None):  # fixed [R, K]: vLLM takes the tensor
             return drafts
 
-        conf = (np.zeros((num_reqs, k)) if conf is None  # fixed lengths with per-request caps
-                else conf.view(num_reqs, k).float().cpu().numpy())
-        caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
+        conf = (np.zeros((num_drafted, k)) if conf is None  # fixed lengths with per-request caps
+                else conf.view(num_drafted, k).float().cpu().numpy())
+        drafted = range(num_reqs) if rows is None else rows.tolist()
         if ctl is not None:
-            lengths = ctl.cut(conf, caps_np)
+            lengths = ctl.cut(conf, caps_np[drafted])
             now = self._now()
-            ctl.end_step(now, num_reqs, num_reqs * (1 + k), now - t_draft)
+            ctl.end_step(now, num_drafted, num_drafted * (1 + k), now - t_draft)
         else:
-            lengths = caps_np
-        rows = drafts.cpu().tolist()
-        out = []
-        for i, rid in enumerate(req_ids):
-            n = int(lengths[i])
-            out.append(rows[i][:n])
+            lengths = caps_np[drafted]
+        out: list[list[int]] = [[] for _ in range(num_reqs)]
+        for j, (i, row) in enumerate(zip(drafted, drafts.cpu().tolist(), strict=True)):
+            n = int(lengths[j])
+            out[i] = row[:n]
             if n and ctl is not None:  # the calibration learns from these next step
-                self._sent[rid] = (conf[i, :n], n)
+                self._sent[req_ids[i]] = (conf[j, :n], n)
+        if ctl is not None:
+            ctl.open_cycle(t_begin, num_reqs, int(np.sum(lengths)))
         return out
 
     # -- helpers of the drafting step ----------------------------------------------------------
@@ -287,14 +311,15 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         return np.array(caps, dtype=np.int64) if any_cap else None
 
     def _learn_from_last_step(self, req_ids: list[str], cad: CommonAttentionMetadata,
-                              num_rejected: torch.Tensor | None) -> None:
-        """How many of the drafts sent last step vLLM accepted, per request: the calibration's input."""
+                              num_rejected: torch.Tensor | None) -> int:
+        """How many of the drafts sent last step vLLM accepted, per request: the calibration's input.
+        Returns their total."""
         sent, self._sent = self._sent, {}
         if not sent or num_rejected is None or self.adaptive is None:
-            return
+            return 0
         rejected = num_rejected.tolist()
         qsl = cad.query_start_loc_cpu.tolist()
-        confs, lengths, accepted = [], [], []
+        confs, lengths, accepted, rids = [], [], [], []
         for i, rid in enumerate(req_ids):
             if rid not in sent:
                 continue
@@ -305,33 +330,44 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             confs.append(np.pad(c, (0, self.num_speculative_tokens - n)))
             lengths.append(n)
             accepted.append(a)
+            rids.append(rid)
         if confs:
-            self.adaptive.observe_outcomes(np.stack(confs), np.array(lengths), np.array(accepted))
+            self.adaptive.observe_outcomes(np.stack(confs), np.array(lengths), np.array(accepted), rids)
+        return sum(accepted)
 
-    def _block_forward(self, cad: CommonAttentionMetadata, inputs, num_reqs: int, k: int) -> torch.Tensor:
+    def _block_forward(self, cad: CommonAttentionMetadata, inputs, rows: np.ndarray | None, k: int) -> torch.Tensor:
+        """One non-causal pass over the blocks of every request, or of the requests in ``rows``."""
         q = 1 + k
+        ids, positions, slots = inputs.input_ids, inputs.positions, inputs.slot_mapping
+        seq_lens, table, upper = inputs.valid_seq_lens, cad.block_table_tensor, cad.seq_lens_cpu_upper_bound
+        num_reqs = cad.num_reqs
+        if rows is not None:  # a subset: gather its blocks (their rows are contiguous per request)
+            num_reqs = len(rows)
+            req = torch.from_numpy(rows).to(ids.device)
+            tok = (req[:, None] * q + torch.arange(q, device=ids.device)).reshape(-1)
+            ids, positions, slots = ids[tok], positions[tok], slots[tok]
+            seq_lens, table = seq_lens[req], table[req]
+            upper = None if upper is None else upper[torch.from_numpy(rows)]
         num_query = num_reqs * q
         draft_cad = CommonAttentionMetadata(
             query_start_loc=self.arange[: num_reqs + 1] * q,
             query_start_loc_cpu=torch.arange(num_reqs + 1, dtype=torch.int32) * q,
-            seq_lens=inputs.valid_seq_lens + q,
-            seq_lens_cpu_upper_bound=(
-                None if cad.seq_lens_cpu_upper_bound is None else cad.seq_lens_cpu_upper_bound + q
-            ),
+            seq_lens=seq_lens + q,
+            seq_lens_cpu_upper_bound=None if upper is None else upper + q,
             num_reqs=num_reqs,
             num_actual_tokens=num_query,
             max_query_len=q,
             max_seq_len=cad.max_seq_len + q,
-            block_table_tensor=cad.block_table_tensor,
-            slot_mapping=inputs.slot_mapping,
+            block_table_tensor=table,
+            slot_mapping=slots,
             causal=False,
         )
         _, per_layer_metadata = self.build_per_group_and_layer_attn_metadata(draft_cad)
         with set_forward_context(
             per_layer_metadata, self.vllm_config, num_tokens=num_query,
-            slot_mapping=self._get_slot_mapping(num_query, inputs.slot_mapping),
+            slot_mapping=self._get_slot_mapping(num_query, slots),
         ):
-            return self.model(input_ids=inputs.input_ids, positions=inputs.positions)
+            return self.model(input_ids=ids, positions=positions)
 
     def _select(self, hidden: torch.Tensor, sampling_metadata, need_conf: bool):
         """Draft tokens [N], the drafter's probability of each [N] (None unless ``need_conf``: the

@@ -4,7 +4,13 @@ Each file holds a PyTorch reference ``<name>_ref``; the proposer calls the refer
 vLLM runs no Triton.
 """
 
-from dflash_vllm.kernels.block_inputs import BlockInputs, block_inputs, block_inputs_ref, block_inputs_triton
+from dflash_vllm.kernels.block_inputs import (
+    BlockInputs,
+    block_inputs,
+    block_inputs_ref,
+    block_inputs_triton,
+    context_slots,
+)
 from dflash_vllm.kernels.draft_select import draft_select, draft_select_ref, triton_usable
 
-__all__ = ["BlockInputs", "block_inputs", "block_inputs_ref", "block_inputs_triton", "draft_select", "draft_select_ref", "triton_usable"]
+__all__ = ["BlockInputs", "block_inputs", "block_inputs_ref", "block_inputs_triton", "context_slots", "draft_select", "draft_select_ref", "triton_usable"]

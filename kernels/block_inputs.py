@@ -47,6 +47,16 @@ def _slots(block_table: torch.Tensor, rows: torch.Tensor, positions: torch.Tenso
     return block_table[rows, block_idx].to(torch.int64) * kv_block + positions % kv_block
 
 
+def context_slots(query_start_loc: torch.Tensor, target_positions: torch.Tensor, block_table: torch.Tensor,
+                  kv_block_size: int, num_reqs: int) -> torch.Tensor:
+    """[T] paged-KV slots of the step's target tokens, each at its own position (the context alone:
+    what a step without drafts writes)."""
+    qsl = query_start_loc[: num_reqs + 1].to(torch.int64)
+    rows = torch.arange(num_reqs, device=target_positions.device)
+    ctx_rows = torch.repeat_interleave(rows, qsl[1:] - qsl[:-1], output_size=target_positions.shape[0])
+    return _slots(block_table, ctx_rows, target_positions, kv_block_size)
+
+
 def block_inputs_ref(
     query_start_loc: torch.Tensor,  # [B + 1] int32, target tokens of each request this step
     num_rejected: torch.Tensor | None,  # [B] int32, rejected drafts at the end of each request
@@ -59,15 +69,12 @@ def block_inputs_ref(
     num_drafts: int,
 ) -> BlockInputs:
     num_reqs = next_token_ids.shape[0]
-    num_ctx = target_positions.shape[0]
     device = target_positions.device
     q = 1 + num_drafts
     rows = torch.arange(num_reqs, device=device)
-    qsl = query_start_loc[: num_reqs + 1].to(torch.int64)
 
     # Context: every target token of the step, at its own position.
-    ctx_rows = torch.repeat_interleave(rows, qsl[1:] - qsl[:-1], output_size=num_ctx)
-    context_slot_mapping = _slots(block_table, ctx_rows, target_positions, kv_block_size)
+    context_slot_mapping = context_slots(query_start_loc, target_positions, block_table, kv_block_size, num_reqs)
 
     # Block: after the last valid (accepted) target token of each request.
     rejected = num_rejected.to(torch.int64) if num_rejected is not None else torch.zeros_like(rows)

@@ -6,9 +6,10 @@ import pytest
 from dflash_vllm.adaptive import (
     AcceptanceCalibrator,
     AdaptiveController,
+    RequestFactors,
     StepCostModel,
     choose_draft_lengths,
-    speculation_pays,
+    choose_requests,
 )
 
 
@@ -36,14 +37,43 @@ def test_cut_moves_earlier_as_the_batch_grows(cost, single):
     assert lengths[-1] < lengths[0]
 
 
+def flat(seconds):
+    return lambda n: np.full(np.shape(n), seconds)
+
+
 def test_no_drafts_when_verification_costs_more_than_any_gain():
     ruinous = lambda n: 1e-3 * np.asarray(n, dtype=np.float64)  # noqa: E731  a token costs a step's worth
     assert choose_draft_lengths(curve(8, first=0.5), ruinous).sum() == 0
-    assert not speculation_pays(curve(1, first=0.5)[0], 8, ruinous, draft_cost=0.0)
+    gains = np.cumprod(curve(8, first=0.5), axis=1)
+    assert not choose_requests(gains, ruinous, flat(0.0), 8).any()
     # free verification: all drafts pay, as long as the drafter itself is cheap
-    free = lambda n: np.full(np.shape(n), 1e-2)  # noqa: E731
-    assert speculation_pays(curve(1)[0], 8, free, draft_cost=1e-3)
-    assert not speculation_pays(curve(1)[0], 8, free, draft_cost=1.0), "a drafter slower than its gain"
+    gains = np.cumprod(curve(1), axis=1)
+    assert choose_requests(gains, flat(1e-2), flat(1e-3), 8).all()
+    assert not choose_requests(gains, flat(1e-2), flat(1.0), 8).any(), "a drafter slower than its gain"
+
+
+def test_requests_chosen_by_their_expected_gain():
+    good, poor = 0.9 ** np.arange(1, 8), 0.05 ** np.arange(1, 8)
+    gains = np.stack([good, poor, good, np.zeros(7)])  # the last one disabled (cap 0)
+    drafter = lambda n: 1e-3 + 0.05e-3 * np.asarray(n, dtype=np.float64)  # noqa: E731
+    sel = choose_requests(gains, cpu_like_cost(), drafter, 8)
+    assert sel.tolist() == [True, False, True, False], "the drafter runs for the requests that pay"
+    # a drafter with a large fixed cost pays only with enough good requests to share it
+    sel = choose_requests(gains[1:2], cpu_like_cost(), lambda n: np.full(np.shape(n), 4e-3), 8)
+    assert not sel.any(), "one poor request alone: a plain step"
+
+
+def test_request_factors_drop_a_failing_request_and_retry_it():
+    f = RequestFactors()
+    for _ in range(6):
+        f.observe("good", accepted=3.0, expected=3.0)
+        f.observe("bad", accepted=0.0, expected=3.0)
+    good, bad = f.factors(["good", "bad"]).tolist()
+    assert good == pytest.approx(1.0) and bad < 0.15
+    assert f.factors(["new"]).tolist() == [1.0], "no evidence: the pooled rates"
+    for _ in range(40):  # left out of the block pass: its evidence fades, so it is retried
+        f.idle(["bad"])
+    assert f.factors(["bad"])[0] > 0.5
 
 
 def test_requests_get_lengths_from_their_own_confidence():
@@ -65,11 +95,11 @@ def test_cost_model_profile_then_online():
     c = m.cost([1.0, 64.0, 288.0, 512.0, 1024.0]).tolist()
     assert c[0] == pytest.approx(1e-3) and c[1] == pytest.approx(2e-3) and c[3] == pytest.approx(10e-3)
     assert c[1] < c[2] < c[3] < c[4], "interpolated between points, extrapolated beyond the last"
-    # the running engine is twice as slow as the profile: observed buckets win, the others scale
+    # live steps run 2 ms over the profile (scheduler, sampler): observed buckets win, the others shift
     for _ in range(3):
         assert m.observe(64, 4e-3)
     c = m.cost([64.0, 512.0]).tolist()
-    assert c[0] == pytest.approx(4e-3) and c[1] == pytest.approx(20e-3)
+    assert c[0] == pytest.approx(4e-3) and c[1] == pytest.approx(12e-3)
     assert not m.observe(64, 1.0), "an idle gap is not a step"
 
 
@@ -96,7 +126,42 @@ def test_controller_stops_and_resumes_with_load():
     for _ in range(3):
         ctl.draft_cost.observe(8, 2e-3)
         ctl.draft_cost.observe(512, 40e-3)
-    assert ctl.should_draft(1, 8, 7), "one request: drafting is nearly free"
-    assert not ctl.should_draft(64, 512, 7), "64 requests: the drafter and verification cost more"
-    assert ctl.should_draft(1, 8, 7), "the load dropped: speculation resumes"
+    ids = [f"r{i}" for i in range(64)]
+    full = np.full(64, 7)
+    assert ctl.select(ids[:1], full[:1], 8).all(), "one request: drafting is nearly free"
+    assert not ctl.select(ids, full, 8).any(), "64 requests: the drafter and verification cost more"
+    assert ctl.select(ids[:1], full[:1], 8).all(), "the load dropped: speculation resumes"
 
+
+def test_controller_leaves_out_the_request_the_drafter_cannot_predict():
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.step_cost.set_profile({1: 5e-3, 4: 5.2e-3, 32: 6e-3})
+    ctl.draft_cost.observe(32, 3e-3)  # a drafter that costs 60% of a plain step
+    ctl.draft_cost.observe(32, 3e-3)
+    ids, caps = ["a", "b", "c", "d"], np.full(4, 7)
+    for _ in range(10):
+        ctl.observe_outcomes(np.full((4, 7), 0.8), [7] * 4, [5, 5, 5, 0], ids)
+    assert ctl.select(ids, caps, 8).tolist() == [True, True, True, False]
+    assert not ctl.select(["d"], caps[:1], 8).any(), "alone, it decodes plainly"
+
+
+def test_measured_rates_pick_the_faster_mode_and_keep_checking():
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    m = PlainOrDraft()
+    rates = {True: 800.0, False: 1300.0}  # drafting delivers fewer tokens/s than plain steps here
+    choices = []
+    for _ in range(600):
+        d = m.prefer_draft(16)
+        choices.append(d)
+        m.observe(16, d, tokens=rates[d] * 0.01, seconds=0.01)
+    late = choices[100:]
+    assert sum(late) / len(late) < 0.05, "the slower mode is only retried now and then"
+    assert any(late), "...but it is retried"
+    rates[True] = 3000.0  # the text turned predictable: drafting wins again
+    for _ in range(400):
+        d = m.prefer_draft(16)
+        choices.append(d)
+        m.observe(16, d, tokens=rates[d] * 0.01, seconds=0.01)
+    assert sum(choices[-100:]) > 90
+    assert not m.observe(16, True, tokens=1, seconds=30.0), "an idle gap is not a step"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
@@ -116,6 +117,10 @@ class DFlashVllmLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+# The block pass is compiled like vLLM compiles its own models (inductor; piecewise around the
+# attention op) whenever the engine's compilation mode is on; with ``mode: 0`` it runs eagerly.
+# The context K/V injection stays eager: its token count is the target step's.
+@support_torch_compile(dynamic_arg_dims={"input_ids": 0, "positions": 0})
 class DFlashVllmDrafter(nn.Module):
     """vLLM model class for ``architectures: ["DFlashDraftModel"]`` while the plugin is active."""
 
@@ -200,8 +205,8 @@ class DFlashVllmDrafter(nn.Module):
             embeds = torch.where(is_mask, self.mask_embedding.to(embeds.dtype), embeds)
         return embeds
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, inputs_embeds=None) -> torch.Tensor:
-        hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_input_ids(input_ids)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
