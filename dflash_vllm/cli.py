@@ -61,7 +61,7 @@ def _bench(args) -> int:
         print(f"dflash-vllm bench: unknown modes {bad}; choose from {list(MODES)}", file=sys.stderr)
         return 2
     cfg = BenchConfig(target=target, drafter=drafter, prompts=prompts, modes=modes,
-                      concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps,
+                      concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps, waves=args.waves,
                       temperature=args.temperature, max_tokens=args.max_tokens,
                       num_speculative_tokens=args.num_speculative_tokens, compile=not args.no_compile)
     from rich.progress import Progress
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="plugin-fixed: adaptive draft length off; plugin: the default (adaptive)")
     bench.add_argument("--concurrency", default="1,4,16,64")
     bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--waves", type=int, default=4,
+                       help="requests per concurrency slot per repetition (closed loop: c in flight)")
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--num-speculative-tokens", type=int, default=None, help="default: block_size - 1")

@@ -28,6 +28,11 @@ PROMPTS = [
 ]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak-minutes", type=float, default=None,
+                     help="run the server soak for this many minutes (default: a fixed 192-request workload)")
+
+
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory):
     return make_tiny_pair(tmp_path_factory.mktemp("tiny"), block_size=8)

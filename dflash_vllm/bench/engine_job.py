@@ -7,7 +7,10 @@ memory never leaks into the next one's timings.
     python -m dflash_vllm.bench.engine_job SPEC.json OUT.json
 
 SPEC: ``{"env": {...}, "engine": {LLM kwargs}, "jobs": [{"name", "prompts", "sampling": {...},
-"max_tokens": [per prompt], "extra_args": [per prompt], "structured": {...}}]}`` (all optional). OUT: per job the token ids, texts, wall time, the
+"max_tokens": [per prompt], "extra_args": [per prompt], "structured": {...}, "concurrency": c}]}``
+(all optional). Without ``concurrency`` a job is one ``LLM.generate`` over all its prompts; with it,
+a closed loop keeps ``c`` requests in flight (a finished request is replaced by the next prompt),
+which is what a server at concurrency ``c`` sees. OUT: per job the token ids, texts, wall time, the
 deltas of vLLM's spec-decode counters and per-request spec metrics (when the engine records them).
 """
 
@@ -88,7 +91,10 @@ def _run_jobs(spec: dict[str, Any]) -> dict[str, Any]:
                   for m, e in zip(max_tokens, extra, strict=True)]
         before = spec_counters(llm)
         t = time.perf_counter()
-        outputs = llm.generate(job["prompts"], params, use_tqdm=False)
+        if job.get("concurrency"):
+            outputs = _closed_loop(llm, job["prompts"], params, int(job["concurrency"]))
+        else:
+            outputs = llm.generate(job["prompts"], params, use_tqdm=False)
         wall = time.perf_counter() - t
         token_ids = [list(o.outputs[0].token_ids) for o in outputs]
         results["jobs"].append({
@@ -104,6 +110,28 @@ def _run_jobs(spec: dict[str, Any]) -> dict[str, Any]:
                              else None for o in outputs],
         })
     return results
+
+
+def _closed_loop(llm, prompts: list[str], params: list, concurrency: int) -> list:
+    """Keep ``concurrency`` requests in flight until every prompt has run; outputs in prompt order."""
+    engine = llm.llm_engine
+    done: dict[int, Any] = {}
+    submitted = 0
+
+    def submit() -> None:
+        nonlocal submitted
+        engine.add_request(f"bench-{submitted}", prompts[submitted], params[submitted])
+        submitted += 1
+
+    while submitted < min(concurrency, len(prompts)):
+        submit()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id.split("-")[-1])] = out
+                if submitted < len(prompts):
+                    submit()
+    return [done[i] for i in range(len(prompts))]
 
 
 def run_engine_jobs(spec: dict[str, Any], *, timeout_s: float = 1800, log_path: str | Path | None = None) -> dict:

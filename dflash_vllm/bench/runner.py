@@ -2,9 +2,16 @@
 plugin with fixed-length drafts (``plugin-fixed``) and with adaptive draft length (``plugin``, the
 default) on the same prompts and sampling, each mode in its own engine process.
 
-For each mode, one engine runs a warm-up and then, per concurrency ``c``, ``reps`` batches of ``c``
-requests (offline ``LLM.generate``; repetition ``r`` takes prompts ``r*c .. r*c+c-1``, cycling, the
-same ones in every mode). Ratios between modes are taken per repetition pair, then their median.
+For each mode, one engine runs a warm-up and then, per concurrency ``c``, ``reps`` closed-loop runs:
+``n = max(min_requests, waves * c)`` requests with ``c`` in flight at every moment (a finished
+request is replaced by the next), as a server at concurrency ``c`` runs them. Repetition ``r`` takes
+prompts ``r*n .. r*n+n-1``, cycling, the same ones in every mode. Ratios between modes are taken per
+repetition pair, then their median.
+
+Why closed loop: a batch of ``c`` requests submitted at once and timed until the last one finishes
+measures the slowest request, not the engine. With speculation, requests finish at different
+speeds (acceptance varies from text to text), so such a batch spends its tail decoding one
+hard request alone; a server refills the batch instead.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ class BenchConfig:
     reps: int = 3
     temperature: float = 0.0
     max_tokens: int = 128
+    waves: int = 4  # requests per concurrency slot in one repetition
+    min_requests: int = 8
     num_speculative_tokens: int | None = None
     compile: bool = True  # vLLM's default compilation, as users run it
     max_model_len: int = 1024
@@ -93,9 +102,10 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
     jobs = [{"name": "warmup", "prompts": cfg.prompts[: min(4, len(cfg.prompts))],
              "sampling": {**sampling, "max_tokens": 16}}]
     for c in cfg.concurrency:
+        n = max(cfg.min_requests, cfg.waves * c)
         for r in range(cfg.reps):
-            prompts = [cfg.prompts[(r * c + i) % len(cfg.prompts)] for i in range(c)]
-            jobs.append({"name": f"c{c}_r{r}", "prompts": prompts, "sampling": sampling})
+            prompts = [cfg.prompts[(r * n + i) % len(cfg.prompts)] for i in range(n)]
+            jobs.append({"name": f"c{c}_r{r}", "prompts": prompts, "sampling": sampling, "concurrency": c})
     env = {"DFLASH_VLLM_DISABLE": "1"} if mode == "builtin" else {"DFLASH_VLLM_DISABLE": "0"}
     return {"engine": engine, "jobs": jobs, "env": env}
 
@@ -104,6 +114,8 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
     """Run every mode; a mode that fails is recorded under ``errors`` and the others still run."""
     results: dict = {"machine": machine_info(), "config": {**asdict(cfg), "prompts": len(cfg.prompts)},
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "modes": {}, "ratios": {}, "errors": {}}
+    if log_dir:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
     for mode in cfg.modes:
         if progress:
             progress(mode)
