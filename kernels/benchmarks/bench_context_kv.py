@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""context_kv: the one-launch Triton kernel (k_norm + RoPE + paged write, every layer) against its
+PyTorch reference for a Qwen3-8B drafter's step (5 layers, 8 KV heads x 128, bf16, kv block 16;
+the context of batch 1, 8, 32, 64 requests that each verified 1 + K = 16 tokens), median time and
+peak memory (the GEMM output is an input here: both paths share it), appended to a CSV.
+
+    python kernels/benchmarks/bench_context_kv.py [--csv kernels/benchmarks/results.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kernels/: no install needed
+from bench_draft_select import append_csv, measure, row_meta  # noqa: E402
+from context_kv import context_kv_ref, context_kv_triton  # noqa: E402
+
+LAYERS, HEADS, HEAD_DIM, KV_BLOCK, NUM_BLOCKS = 5, 8, 128, 16, 8192
+
+
+def step_inputs(batch: int, q: int = 16):
+    dev, dt = "cuda", torch.bfloat16
+    c = batch * q
+    kv = torch.randn(c, LAYERS * 2 * HEADS * HEAD_DIM, device=dev, dtype=dt)
+    weight = torch.ones(LAYERS, HEAD_DIM, device=dev, dtype=dt)
+    inv = 1.0 / (1_000_000 ** (torch.arange(0, HEAD_DIM, 2, device=dev).float() / HEAD_DIM))
+    freqs = torch.arange(40_960, device=dev).float()[:, None] * inv[None]
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dt)
+    positions = torch.randint(0, 40_000, (c,), device=dev)
+    slots = torch.randperm(NUM_BLOCKS * KV_BLOCK, device=dev)[:c]
+    caches = [torch.zeros(2, NUM_BLOCKS, KV_BLOCK, HEADS, HEAD_DIM, device=dev, dtype=dt) for _ in range(LAYERS)]
+    return (kv, weight, 1e-6, cos_sin, positions, slots, [t[0] for t in caches], [t[1] for t in caches]), caches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--csv", default=str(Path(__file__).with_name("results.csv")))
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "run on an NVIDIA GPU"
+    rows = []
+    for batch in (1, 8, 32, 64):
+        inputs, caches = step_inputs(batch)
+        context_kv_ref(*inputs)
+        want = [t.clone() for t in caches]
+        for t in caches:
+            t.zero_()
+        context_kv_triton(*inputs)
+        for got, ref in zip(caches, want, strict=True):
+            torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+        for name, fn in (("ref", context_kv_ref), ("triton", context_kv_triton)):
+            ms, peak = measure(lambda fn=fn, inputs=inputs: fn(*inputs))
+            rows.append({"kernel": "context_kv", "impl": name, "batch": batch, "rows": batch * 16,
+                         "median_ms": round(ms, 4), "peak_mib": round(peak / 2**20, 3), **row_meta()})
+            print(rows[-1])
+    append_csv(args.csv, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Context K/V injection: after the one GEMM that projects the fused target features into every draft
+layer's K and V, normalise and rotate K and write K and V into each layer's paged KV cache.
+
+For context token ``c`` at position ``p`` with slot ``s`` (``s < 0``: padding, skipped) and layer ``l``:
+
+    k      = kv[c, l*2*KV : l*2*KV + KV]   viewed as [H, D]     (KV = H * D)
+    v      = kv[c, l*2*KV + KV : (l+1)*2*KV]
+    k      = k * rsqrt(mean(k**2, -1) + eps) * k_norm_weight[l]  (per head, fp32)
+    k      = neox RoPE at p: halves (x1, x2) -> (x1*cos - x2*sin, x2*cos + x1*sin),
+             cos/sin = cos_sin_cache[p, :D/2], cos_sin_cache[p, D/2:]   (vLLM's cache layout)
+    k_cache[l][s // B, s % B] = k;  v_cache[l][s // B, s % B] = v
+
+``context_kv_ref`` is the PyTorch reference: per layer a handful of kernels and [C, H, D]
+temporaries. ``context_kv_triton`` does every layer in one launch, one program per (token, layer),
+reading the GEMM output once and writing the caches directly: no temporary beyond the GEMM output.
+Caches are given per layer as ``[num_blocks, B, H, D]`` views with the same strides and dtype (the
+FlashAttention layout's ``kv_cache[0]`` / ``kv_cache[1]``); the kernel addresses layer ``l`` as an
+element offset from layer 0's storage. ``context_kv`` dispatches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
+
+
+def _rope_neox(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = k.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def context_kv_ref(kv: torch.Tensor, k_norm_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
+                   positions: torch.Tensor, slot_mapping: torch.Tensor,
+                   k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+    """``kv [C, L*2*H*D]``, ``k_norm_weight [L, D]``, ``cos_sin_cache [P, D]``, ``positions`` and
+    ``slot_mapping [C]``; ``k_caches``/``v_caches``: L views ``[num_blocks, B, H, D]``, written in place."""
+    num_layers, d = k_norm_weight.shape
+    c = kv.shape[0]
+    h = kv.shape[1] // (2 * num_layers * d)
+    block = k_caches[0].shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    cs = cos_sin_cache[positions[keep].long()].float()
+    cos, sin = cs[:, None, : d // 2], cs[:, None, d // 2:]
+    for layer, (kv_l, k_cache, v_cache) in enumerate(zip(kv.view(c, num_layers, 2, h, d).unbind(1), k_caches,
+                                                         v_caches, strict=True)):
+        k = kv_l[keep, 0].float()
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * k_norm_weight[layer].float()
+        k = _rope_neox(k, cos, sin)
+        k_cache[slots // block, slots % block] = k.to(k_cache.dtype)
+        v_cache[slots // block, slots % block] = kv_l[keep, 1].to(v_cache.dtype)
+
+
+if triton is not None:
+
+    def _context_kv_kernel(kv_ptr, w_ptr, cs_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr, k_off_ptr, v_off_ptr,
+                           eps, stride_kv, stride_cs, stride_b, stride_o, stride_h, block_size,
+                           H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
+        c = tl.program_id(0)
+        layer = tl.program_id(1)
+        slot = tl.load(slot_ptr + c).to(tl.int64)
+        if slot >= 0:
+            pos = tl.load(pos_ptr + c).to(tl.int64)
+            heads = tl.arange(0, BLOCK_H)
+            half = tl.arange(0, HALF)
+            h_ok = heads < H
+            m = h_ok[:, None]
+            row = kv_ptr + c.to(tl.int64) * stride_kv + layer * (2 * H * D)
+            lo = heads[:, None] * D + half[None, :]  # [BLOCK_H, D/2]: first halves of each head
+            x1 = tl.load(row + lo, mask=m, other=0.0).to(tl.float32)
+            x2 = tl.load(row + lo + HALF, mask=m, other=0.0).to(tl.float32)
+            inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+            w1 = tl.load(w_ptr + layer * D + half).to(tl.float32)
+            w2 = tl.load(w_ptr + layer * D + HALF + half).to(tl.float32)
+            x1 = x1 * inv[:, None] * w1[None, :]
+            x2 = x2 * inv[:, None] * w2[None, :]
+            cos = tl.load(cs_ptr + pos * stride_cs + half).to(tl.float32)
+            sin = tl.load(cs_ptr + pos * stride_cs + HALF + half).to(tl.float32)
+            o1 = x1 * cos[None, :] - x2 * sin[None, :]
+            o2 = x2 * cos[None, :] + x1 * sin[None, :]
+            dst = (slot // block_size) * stride_b + (slot % block_size) * stride_o + heads[:, None] * stride_h
+            k_base = k_ptr + tl.load(k_off_ptr + layer)
+            tl.store(k_base + dst + half[None, :], o1.to(k_ptr.dtype.element_ty), mask=m)
+            tl.store(k_base + dst + HALF + half[None, :], o2.to(k_ptr.dtype.element_ty), mask=m)
+            v1 = tl.load(row + H * D + lo, mask=m, other=0.0)
+            v2 = tl.load(row + H * D + lo + HALF, mask=m, other=0.0)
+            v_base = v_ptr + tl.load(v_off_ptr + layer)
+            tl.store(v_base + dst + half[None, :], v1.to(v_ptr.dtype.element_ty), mask=m)
+            tl.store(v_base + dst + HALF + half[None, :], v2.to(v_ptr.dtype.element_ty), mask=m)
+
+    _context_kv_kernel = triton.jit(_context_kv_kernel)
+
+
+def _layer_offsets(caches: list[torch.Tensor]) -> torch.Tensor:
+    """Element offsets of each layer's cache from layer 0's first element (int64)."""
+    first, size = caches[0], caches[0].element_size()
+    for cache in caches[1:]:
+        if cache.dtype != first.dtype or cache.stride() != first.stride() or cache.shape != first.shape:
+            raise ValueError("context_kv_triton: every layer's cache needs the same shape, strides and dtype")
+    diffs = [cache.data_ptr() - first.data_ptr() for cache in caches]
+    if any(d % size for d in diffs):
+        raise ValueError("context_kv_triton: layer caches are not element-aligned with each other")
+    return torch.tensor([d // size for d in diffs], dtype=torch.int64, device=first.device)
+
+
+def context_kv_triton(kv: torch.Tensor, k_norm_weight: torch.Tensor, eps: float, cos_sin_cache: torch.Tensor,
+                      positions: torch.Tensor, slot_mapping: torch.Tensor,
+                      k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    num_layers, d = k_norm_weight.shape
+    c = kv.shape[0]
+    h = kv.shape[1] // (2 * num_layers * d)
+    if kv.shape[1] != 2 * num_layers * h * d or kv.stride(1) != 1 or d % 2 or d & (d - 1):
+        raise ValueError(f"context_kv_triton: kv {tuple(kv.shape)} is not [C, {num_layers}*2*H*{d}] row-major "
+                         "with a power-of-2 head_dim")
+    if cos_sin_cache.shape[-1] != d:
+        raise ValueError("context_kv_triton: partial rotary (rotary_dim < head_dim) is not supported")
+    if c == 0:
+        return
+    k0, v0 = k_caches[0], v_caches[0]
+    if v0.stride() != k0.stride() or k0.stride(3) != 1:
+        raise ValueError("context_kv_triton: K and V caches need the same strides, head_dim contiguous")
+    _context_kv_kernel[(c, num_layers)](
+        kv, k_norm_weight.contiguous(), cos_sin_cache, positions, slot_mapping, k0, v0,
+        _layer_offsets(k_caches), _layer_offsets(v_caches), float(eps), kv.stride(0), cos_sin_cache.stride(0),
+        k0.stride(0), k0.stride(1), k0.stride(2), k0.shape[1],
+        H=h, D=d, BLOCK_H=triton.next_power_of_2(h), HALF=d // 2,
+    )
+
+
+def context_kv(*args, use_triton: bool | None = None, **kwargs) -> None:
+    """The one dispatch point: the Triton kernel on CUDA (or when asked), else the reference."""
+    if use_triton is None:
+        use_triton = triton is not None and args[0].device.type == "cuda"
+    (context_kv_triton if use_triton else context_kv_ref)(*args, **kwargs)
