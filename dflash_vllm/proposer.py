@@ -135,6 +135,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 f"target {type(target).__name__} exposes no embed_tokens/lm_head for the drafter to share"
             )
         self.model.share_target_modules(embed, target.lm_head, target.logits_processor)
+        kernels = self.options.kernels
+        self.model.context_kv_kernel = kernels == "triton" or (
+            kernels == "auto" and self.device.type == "cuda" and "context_kv" in TRITON_BY_DEFAULT)
         self._use_draft_select, self._lm_head_weight = self._choose_draft_select(target)
 
     def _choose_draft_select(self, target) -> tuple[bool, torch.Tensor | None]:

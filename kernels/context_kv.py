@@ -13,9 +13,10 @@ For context token ``c`` at position ``p`` with slot ``s`` (``s < 0``: padding, s
 ``context_kv_ref`` is the PyTorch reference: per layer a handful of kernels and [C, H, D]
 temporaries. ``context_kv_triton`` does every layer in one launch, one program per (token, layer),
 reading the GEMM output once and writing the caches directly: no temporary beyond the GEMM output.
-Caches are given per layer as ``[num_blocks, B, H, D]`` views with the same strides and dtype (the
-FlashAttention layout's ``kv_cache[0]`` / ``kv_cache[1]``); the kernel addresses layer ``l`` as an
-element offset from layer 0's storage. ``context_kv`` dispatches.
+Caches are given per layer as ``[num_blocks, B, H, D]`` views with any strides, the same for every
+layer (K and V may differ): FlashAttention's ``(blocks, heads, B, 2D)`` split into K and V, or the
+CPU backend's per-block transposed K. The kernel addresses layer ``l`` as an element offset from
+layer 0's storage. ``context_kv`` dispatches.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def context_kv_ref(kv: torch.Tensor, k_norm_weight: torch.Tensor, eps: float, co
     """``kv [C, L*2*H*D]``, ``k_norm_weight [L, D]``, ``cos_sin_cache [P, D]``, ``positions`` and
     ``slot_mapping [C]``; ``k_caches``/``v_caches``: L views ``[num_blocks, B, H, D]``, written in place."""
     num_layers, d = k_norm_weight.shape
-    c = kv.shape[0]
+    c = min(kv.shape[0], slot_mapping.shape[0])  # kv may carry padding rows past the slots
+    kv, positions, slot_mapping = kv[:c], positions[:c], slot_mapping[:c]
     h = kv.shape[1] // (2 * num_layers * d)
     block = k_caches[0].shape[1]
     keep = slot_mapping >= 0
@@ -59,7 +61,7 @@ def context_kv_ref(kv: torch.Tensor, k_norm_weight: torch.Tensor, eps: float, co
 if triton is not None:
 
     def _context_kv_kernel(kv_ptr, w_ptr, cs_ptr, pos_ptr, slot_ptr, k_ptr, v_ptr, k_off_ptr, v_off_ptr,
-                           eps, stride_kv, stride_cs, stride_b, stride_o, stride_h, block_size,
+                           eps, stride_kv, stride_cs, k_sb, k_so, k_sh, k_sd, v_sb, v_so, v_sh, v_sd, block_size,
                            H: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr):
         c = tl.program_id(0)
         layer = tl.program_id(1)
@@ -83,15 +85,15 @@ if triton is not None:
             sin = tl.load(cs_ptr + pos * stride_cs + HALF + half).to(tl.float32)
             o1 = x1 * cos[None, :] - x2 * sin[None, :]
             o2 = x2 * cos[None, :] + x1 * sin[None, :]
-            dst = (slot // block_size) * stride_b + (slot % block_size) * stride_o + heads[:, None] * stride_h
-            k_base = k_ptr + tl.load(k_off_ptr + layer)
-            tl.store(k_base + dst + half[None, :], o1.to(k_ptr.dtype.element_ty), mask=m)
-            tl.store(k_base + dst + HALF + half[None, :], o2.to(k_ptr.dtype.element_ty), mask=m)
+            blk, off = slot // block_size, slot % block_size
+            k_dst = k_ptr + tl.load(k_off_ptr + layer) + blk * k_sb + off * k_so + heads[:, None] * k_sh
+            tl.store(k_dst + half[None, :] * k_sd, o1.to(k_ptr.dtype.element_ty), mask=m)
+            tl.store(k_dst + (HALF + half[None, :]) * k_sd, o2.to(k_ptr.dtype.element_ty), mask=m)
             v1 = tl.load(row + H * D + lo, mask=m, other=0.0)
             v2 = tl.load(row + H * D + lo + HALF, mask=m, other=0.0)
-            v_base = v_ptr + tl.load(v_off_ptr + layer)
-            tl.store(v_base + dst + half[None, :], v1.to(v_ptr.dtype.element_ty), mask=m)
-            tl.store(v_base + dst + HALF + half[None, :], v2.to(v_ptr.dtype.element_ty), mask=m)
+            v_dst = v_ptr + tl.load(v_off_ptr + layer) + blk * v_sb + off * v_so + heads[:, None] * v_sh
+            tl.store(v_dst + half[None, :] * v_sd, v1.to(v_ptr.dtype.element_ty), mask=m)
+            tl.store(v_dst + (HALF + half[None, :]) * v_sd, v2.to(v_ptr.dtype.element_ty), mask=m)
 
     _context_kv_kernel = triton.jit(_context_kv_kernel)
 
@@ -121,15 +123,17 @@ def context_kv_triton(kv: torch.Tensor, k_norm_weight: torch.Tensor, eps: float,
                          "with a power-of-2 head_dim")
     if cos_sin_cache.shape[-1] != d:
         raise ValueError("context_kv_triton: partial rotary (rotary_dim < head_dim) is not supported")
+    c = min(c, slot_mapping.shape[0])  # kv may carry padding rows past the slots
     if c == 0:
         return
     k0, v0 = k_caches[0], v_caches[0]
-    if v0.stride() != k0.stride() or k0.stride(3) != 1:
-        raise ValueError("context_kv_triton: K and V caches need the same strides, head_dim contiguous")
+    if k0.dtype != v0.dtype or k0.shape != v0.shape or tuple(k0.shape[2:]) != (h, d):
+        raise ValueError(f"context_kv_triton: caches {tuple(k0.shape)} / {tuple(v0.shape)} are not "
+                         f"[num_blocks, block, {h}, {d}] views of one dtype")
     _context_kv_kernel[(c, num_layers)](
         kv, k_norm_weight.contiguous(), cos_sin_cache, positions, slot_mapping, k0, v0,
         _layer_offsets(k_caches), _layer_offsets(v_caches), float(eps), kv.stride(0), cos_sin_cache.stride(0),
-        k0.stride(0), k0.stride(1), k0.stride(2), k0.shape[1],
+        *k0.stride(), *v0.stride(), k0.shape[1],
         H=h, D=d, BLOCK_H=triton.next_power_of_2(h), HALF=d // 2,
     )
 

@@ -62,7 +62,7 @@ def runs(tiny_pair, tmp_path_factory):
             t, d, num_speculative_tokens=K, per_request_spec_decode_metrics="detailed", **FIXED), [
             {**GREEDY, "name": "capped", "extra_args": CAPS}]),
         "adaptive": _run(tmp, "adaptive", engine_kwargs(t, d, num_speculative_tokens=K), [GREEDY]),
-        # the Triton kernels (block inputs, draft selection) under TRITON_INTERPRET=1 (conftest)
+        # the Triton kernels (block inputs, context K/V, draft selection) under TRITON_INTERPRET=1
         "triton": _run(tmp, "triton", engine_kwargs(
             t, d, num_speculative_tokens=K,
             additional_config={"dflash": {"adaptive": False, "kernels": "triton"}}), [GREEDY],
@@ -181,3 +181,6 @@ def test_triton_kernels_draft_what_the_references_draft(runs):
     ours, ref = runs["triton"]["jobs"]["greedy"]["spec"], runs["plugin"]["jobs"]["greedy"]["spec"]
     for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_pos"):
         assert ours[key] == ref[key], key
+    # the context K/V went through the fused kernel into the CPU backend's own cache layout
+    assert "context_kv kernel writes the draft KV cache (CPUAttentionBackendImpl" in runs["triton"]["log"]
+    assert "context_kv kernel not usable" not in runs["triton"]["log"]

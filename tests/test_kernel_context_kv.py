@@ -65,3 +65,70 @@ def test_reference_matches_the_drafter_layers():
     _, ks, vs = _caches(1, nb, block, h, d, torch.float32)
     context_kv_ref(kv, w, 1e-6, rope.cos_sin_cache, pos, slots, ks, vs)
     torch.testing.assert_close(ks[0].reshape(-1, h * d)[:c], k, rtol=1e-5, atol=1e-5)
+
+
+def _cpu_attention_layer(num_blocks, block, h, d, dtype):
+    """A draft layer's stand-in with vLLM's real CPU backend write (``do_kv_cache_update``)."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention.backend import AttentionType
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, _get_attn_isa
+
+    impl = object.__new__(CPUAttentionBackendImpl)  # only its cache write is used
+    impl.attn_type, impl.kv_cache_dtype = AttentionType.DECODER, "auto"
+    return SimpleNamespace(impl=impl, kv_cache=torch.zeros(num_blocks, h, block, 2 * d, dtype=dtype),
+                           head_size=d, num_kv_heads=h, isa=_get_attn_isa(dtype, block, d),
+                           _k_scale_float=1.0, _v_scale_float=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 32])
+def test_kernel_writes_vllms_cpu_cache_layout(dtype, block):
+    """Through the probed views, the kernel leaves every layer's CPU cache exactly as vLLM's own
+    write of the reference K/V does (the CPU backend stores each K tile transposed)."""
+    from dflash_vllm.models.cache_views import context_cache_views
+
+    c, layers, h, d, nb = 21, 2, 2, 64, 6
+    kv, w, cs, pos, slots, _, _ = _case(c, layers, h, d, dtype, block=block, num_blocks=nb, seed=block)
+    slots = torch.where(slots >= 0, slots + block, slots)  # keep block 0: vLLM's null block, the probe's
+    ours = [_cpu_attention_layer(nb + 1, block, h, d, dtype) for _ in range(layers)]
+    theirs = [_cpu_attention_layer(nb + 1, block, h, d, dtype) for _ in range(layers)]
+    views = context_cache_views(ours)
+    assert views is not None, f"no views for the CPU layout (isa {ours[0].isa})"
+    assert all(torch.count_nonzero(a.kv_cache) == 0 for a in ours), "the probe restores block 0"
+    context_kv_triton(kv, w, 1e-6, cs, pos, slots, *views)
+    # the reference K/V, written by vLLM's CPU backend itself
+    keep = slots >= 0
+    ref_k = [torch.zeros(nb + 1, block, h, d, dtype=dtype) for _ in range(layers)]
+    ref_v = [torch.zeros(nb + 1, block, h, d, dtype=dtype) for _ in range(layers)]
+    context_kv_ref(kv, w, 1e-6, cs, pos, slots, ref_k, ref_v)
+    s = slots[keep]
+    for layer, attn in enumerate(theirs):
+        attn.impl.do_kv_cache_update(attn, ref_k[layer][s // block, s % block], ref_v[layer][s // block, s % block],
+                                     attn.kv_cache, s)
+        torch.testing.assert_close(ours[layer].kv_cache, attn.kv_cache, **TOL[dtype],
+                                   msg=lambda m, layer=layer: f"layer {layer}: {m}")
+
+
+def test_views_refused_for_an_unknown_layout():
+    from types import SimpleNamespace
+
+    from dflash_vllm.models.cache_views import context_cache_views
+
+    odd = SimpleNamespace(impl=object(), kv_cache=torch.zeros(4, 2, 16, 128), head_size=64, num_kv_heads=2)
+    assert context_cache_views([odd]) is None
+
+
+def test_flash_attention_layout():
+    """vLLM 0.32's FlashAttention cache, ``(blocks, heads, block, 2 * head_dim)``, through the views its
+    ``do_kv_cache_update`` takes: K and V interleaved per row, heads outermost."""
+    c, layers, h, d, block, nb = 17, 3, 4, 32, 16, 5
+    kv, w, cs, pos, slots, _, _ = _case(c, layers, h, d, torch.float32, block=block, num_blocks=nb, seed=7)
+    caches = [torch.zeros(nb, h, block, 2 * d) for _ in range(layers)]
+    ks, vs = zip(*(t.transpose(1, 2).split(d, dim=-1) for t in caches), strict=True)
+    _, ref_k, ref_v = _caches(layers, nb, block, h, d, torch.float32)
+    context_kv_triton(kv, w, 1e-6, cs, pos, slots, list(ks), list(vs))
+    context_kv_ref(kv, w, 1e-6, cs, pos, slots, ref_k, ref_v)
+    for layer in range(layers):
+        torch.testing.assert_close(ks[layer], ref_k[layer], **TOL[torch.float32])
+        torch.testing.assert_close(vs[layer], ref_v[layer], **TOL[torch.float32])

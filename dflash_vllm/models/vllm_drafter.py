@@ -25,6 +25,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -34,6 +35,10 @@ from vllm.model_executor.models.qwen2 import Qwen2MLP
 from vllm.transformers_utils.config import set_default_rope_theta
 
 from dflash_vllm.checkpoint import MASK_EMBEDDING_FILE, DFlashConfigError, parse_draft_spec
+from dflash_vllm.kernels import context_kv
+from dflash_vllm.models.cache_views import context_cache_views
+
+logger = init_logger("vllm.dflash_vllm.drafter")
 
 # Checkpoint projection name -> (fused vLLM parameter, shard id).
 _STACKED = {
@@ -150,6 +155,10 @@ class DFlashVllmDrafter(nn.Module):
         self.register_buffer("mask_embedding", torch.empty(0), persistent=False)
         self._ctx_kv_weight: torch.Tensor | None = None  # built from the loaded qkv weights
         self._ctx_kv_bias: torch.Tensor | None = None
+        # The fused context_kv kernel (kernels option): norm + RoPE + paged write of every layer in
+        # one launch. Its cache views are built and probed at the first write (None: unusable).
+        self.context_kv_kernel = False
+        self._ctx_views: tuple[int, tuple | None] | None = None  # (cache data_ptr, views)
         self.embed_tokens: nn.Module | None = None
         self.lm_head: nn.Module | None = None
         self.logits_processor: nn.Module | None = None
@@ -185,6 +194,13 @@ class DFlashVllmDrafter(nn.Module):
         if self._ctx_kv_weight is None:
             self._build_context_projection()
         all_kv = torch.nn.functional.linear(context, self._ctx_kv_weight, self._ctx_kv_bias)  # [C, L * 2 * kv]
+        if slot_mapping is not None and self.context_kv_kernel:
+            views = self._context_cache_views()
+            if views is not None:
+                attn = self.layers[0].self_attn
+                context_kv(all_kv, self._k_norm_weight, attn.k_norm.variance_epsilon, attn.rotary_emb.cos_sin_cache,
+                           positions, slot_mapping, *views, use_triton=True)
+                return
         for layer, kv in zip(self.layers, all_kv.chunk(len(self.layers), dim=-1), strict=True):
             k, v = layer.self_attn.context_k_v(kv, positions)
             if slot_mapping is None:
@@ -197,6 +213,33 @@ class DFlashVllmDrafter(nn.Module):
                 attn.kv_cache,
                 slot_mapping,
             )
+
+    def _context_cache_views(self) -> tuple | None:
+        """The draft layers' K/V cache views for the kernel, rebuilt if vLLM rebinds the caches."""
+        attns = self.attention_layers()
+        cache = attns[0].kv_cache
+        ptr = cache.data_ptr() if isinstance(cache, torch.Tensor) else None
+        if self._ctx_views is None or self._ctx_views[0] != ptr:
+            rope = self.layers[0].self_attn.rotary_emb
+            usable = (ptr is not None and getattr(rope, "is_neox_style", False)
+                      and getattr(rope, "rotary_dim", None) == self.layers[0].self_attn.head_dim)
+            views = context_cache_views(attns) if usable else None
+            if views is not None:
+                logger.info("dflash-vllm: context_kv kernel writes the draft KV cache (%s layout, probed)",
+                            type(attns[0].impl).__name__)
+            else:
+                logger.warning("dflash-vllm: context_kv kernel not usable with this attention backend / cache "
+                               "layout (%s); writing the context K/V through the backend", type(attns[0].impl).__name__)
+            self._ctx_views = (ptr, views)
+        return self._ctx_views[1]
+
+    @property
+    def _k_norm_weight(self) -> torch.Tensor:
+        """[L, head_dim] every layer's k_norm weight, stacked once."""
+        w = getattr(self, "_k_norm_stacked", None)
+        if w is None:
+            w = self._k_norm_stacked = torch.stack([layer.self_attn.k_norm.weight for layer in self.layers])
+        return w
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.embed_tokens(input_ids)
@@ -248,6 +291,7 @@ class DFlashVllmDrafter(nn.Module):
             )
         self._load_mask_embedding()
         self._build_context_projection()
+        self._k_norm_stacked = None  # restacked from the loaded weights at the next use
         return loaded
 
     def _load_mask_embedding(self) -> None:

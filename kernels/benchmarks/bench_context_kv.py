@@ -2,7 +2,7 @@
 """context_kv: the one-launch Triton kernel (k_norm + RoPE + paged write, every layer) against its
 PyTorch reference for a Qwen3-8B drafter's step (5 layers, 8 KV heads x 128, bf16, kv block 16;
 the context of batch 1, 8, 32, 64 requests that each verified 1 + K = 16 tokens), median time and
-peak memory (the GEMM output is an input here: both paths share it), appended to a CSV.
+peak memory, caches in FlashAttention's layout (the GEMM output is an input here: both paths share it), appended to a CSV.
 
     python kernels/benchmarks/bench_context_kv.py [--csv kernels/benchmarks/results.csv]
 """
@@ -32,8 +32,11 @@ def step_inputs(batch: int, q: int = 16):
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dt)
     positions = torch.randint(0, 40_000, (c,), device=dev)
     slots = torch.randperm(NUM_BLOCKS * KV_BLOCK, device=dev)[:c]
-    caches = [torch.zeros(2, NUM_BLOCKS, KV_BLOCK, HEADS, HEAD_DIM, device=dev, dtype=dt) for _ in range(LAYERS)]
-    return (kv, weight, 1e-6, cos_sin, positions, slots, [t[0] for t in caches], [t[1] for t in caches]), caches
+    # vLLM 0.32's FlashAttention cache per layer, (blocks, heads, block, 2 * head_dim), and the K/V views
+    # its do_kv_cache_update writes through (dflash_vllm/models/cache_views.py)
+    caches = [torch.zeros(NUM_BLOCKS, HEADS, KV_BLOCK, 2 * HEAD_DIM, device=dev, dtype=dt) for _ in range(LAYERS)]
+    ks, vs = zip(*(t.transpose(1, 2).split(HEAD_DIM, dim=-1) for t in caches), strict=True)
+    return (kv, weight, 1e-6, cos_sin, positions, slots, list(ks), list(vs)), caches
 
 
 def main() -> None:
