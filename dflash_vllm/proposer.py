@@ -377,8 +377,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         adaptive cut is its only user), and vLLM's draft probs (sampled drafting) or None."""
         if not self._enable_probabilistic_draft_probs or sampling_metadata.all_greedy:
             if self._use_draft_select:
-                tokens, prob, _ = draft_select(hidden, self._lm_head_weight, use_triton=True)
-                return tokens, prob, None
+                sel = draft_select(hidden, self._lm_head_weight, use_triton=True)
+                return sel.token, sel.prob, None
             logits = self.model.compute_logits(hidden)
             tokens = logits.argmax(dim=-1)  # exactly vLLM's greedy draft
             if not need_conf:

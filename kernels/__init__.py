@@ -12,7 +12,15 @@ from dflash_vllm.kernels.block_inputs import (
     context_slots,
 )
 from dflash_vllm.kernels.context_kv import context_kv, context_kv_ref, context_kv_triton
-from dflash_vllm.kernels.draft_select import draft_select, draft_select_ref, triton_usable
+from dflash_vllm.kernels.draft_select import (
+    DraftSelection,
+    draft_probs,
+    draft_probs_ref,
+    draft_select,
+    draft_select_ref,
+    triton_usable,
+)
 
 __all__ = ["BlockInputs", "block_inputs", "block_inputs_ref", "block_inputs_triton", "context_kv", "context_kv_ref",
-           "context_kv_triton", "context_slots", "draft_select", "draft_select_ref", "triton_usable"]
+           "context_kv_triton", "context_slots", "DraftSelection", "draft_probs", "draft_probs_ref", "draft_select",
+           "draft_select_ref", "triton_usable"]

@@ -56,8 +56,12 @@ def runs(tiny_pair):
 
 
 def test_tensor_parallel_2_identical_to_plain_tp1(runs):
-    assert runs["tp2"]["tp"]["token_ids"] == runs["plain"]["tp"]["token_ids"]
-    assert runs["tp2"]["tp"]["spec"]["num_drafts"] > 0
+    ours, plain = runs["tp2"]["tp"], runs["plain"]["tp"]
+    print(f"\nTP=2 plugin vs TP=1 plain: {len(ours['token_ids'])} requests, "
+          f"{sum(map(len, ours['token_ids']))} tokens, identical={ours['token_ids'] == plain['token_ids']}, "
+          f"TP=2 drafts {ours['spec']['num_drafts']}, tau {ours['spec']['acceptance_length']}")
+    assert ours["token_ids"] == plain["token_ids"]
+    assert ours["spec"]["num_drafts"] > 0
 
 
 @pytest.mark.parametrize("job", [j["name"] for j in JOBS])
@@ -67,6 +71,8 @@ def test_identical_to_plain_decoding(runs, job):
 
 def test_pressure_preempts_and_speculates(runs):
     spec = runs["plugin"]["pressure"]["spec"]
+    print(f"\npreemptions: plugin {spec['num_preemptions']}, plain {runs['plain']['pressure']['spec']['num_preemptions']}; "
+          f"plugin drafts {spec['num_drafts']}, accepted {spec['num_accepted_tokens']}")
     assert spec["num_preemptions"] > 0, "the KV cache was meant to be too small for the batch"
     assert runs["plain"]["pressure"]["spec"]["num_preemptions"] > 0
     assert spec["num_drafts"] > 0

@@ -61,11 +61,13 @@ def main() -> None:
     rows = []
     for batch in (1, 8, 32, 64):
         hidden = torch.randn(batch * 15, 4096, device="cuda", dtype=torch.bfloat16)
-        for name, fn in (("ref", draft_select_ref), ("triton", draft_select_triton)):
-            ms, peak = measure(lambda fn=fn, hidden=hidden: fn(hidden, head))
-            rows.append({"kernel": "draft_select", "impl": name, "batch": batch, "rows": batch * 15,
-                         "median_ms": round(ms, 4), "peak_mib": round(peak / 2**20, 1), **row_meta()})
-            print(rows[-1])
+        for variant, kw in (("greedy", {}), ("top8_t0.8", {"temperature": 0.8, "top_k": 8})):
+            for name, fn in (("ref", draft_select_ref), ("triton", draft_select_triton)):
+                ms, peak = measure(lambda fn=fn, hidden=hidden, kw=kw: fn(hidden, head, **kw))
+                rows.append({"kernel": f"draft_select[{variant}]", "impl": name, "batch": batch,
+                             "rows": batch * 15, "median_ms": round(ms, 4), "peak_mib": round(peak / 2**20, 1),
+                             **row_meta()})
+                print(rows[-1])
     append_csv(args.csv, rows)
 
 
