@@ -3,24 +3,24 @@
 drafter's step (K = 15, kv block 16, context 2,048 tokens per request, batch 1, 8, 32, 64, every
 request with drafts verified last step), median time and peak memory, appended to a CSV.
 
-    python kernels/benchmarks/bench_block_inputs.py [--csv kernels/benchmarks/results.csv]
+    python kernels/benchmarks/bench_block_inputs.py [--csv kernels/benchmarks/results.csv] [--smoke]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kernels/: no install needed
-from bench_draft_select import append_csv, measure, row_meta  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_draft_select import SMOKE, append_csv, device, measure, parse_args, row_meta  # noqa: E402,I001
 from block_inputs import block_inputs_ref, block_inputs_triton  # noqa: E402
 
 
 def step_inputs(batch: int, k: int = 15, context: int = 2048, kv_block: int = 16):
-    dev = "cuda"
+    dev = device()
     q = 1 + k  # last step verified 1 + K tokens per request
     qsl = torch.arange(batch + 1, device=dev, dtype=torch.int32) * q
     seq_lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
@@ -33,13 +33,10 @@ def step_inputs(batch: int, k: int = 15, context: int = 2048, kv_block: int = 16
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--csv", default=str(Path(__file__).with_name("results.csv")))
-    args = ap.parse_args()
-    assert torch.cuda.is_available(), "run on an NVIDIA GPU"
+    args = parse_args(__doc__)
     rows = []
-    for batch in (1, 8, 32, 64):
-        inputs = step_inputs(batch)
+    for batch in (1, 3) if SMOKE else (1, 8, 32, 64):
+        inputs = step_inputs(batch, context=64) if SMOKE else step_inputs(batch)
         ref, tri = block_inputs_ref(*inputs), block_inputs_triton(*inputs)
         for f in ("input_ids", "positions", "slot_mapping", "context_slot_mapping", "sample_indices"):
             assert torch.equal(getattr(ref, f), getattr(tri, f)), f

@@ -4,33 +4,34 @@ PyTorch reference for a Qwen3-8B drafter's step (5 layers, 8 KV heads x 128, bf1
 the context of batch 1, 8, 32, 64 requests that each verified 1 + K = 16 tokens), median time and
 peak memory, caches in FlashAttention's layout (the GEMM output is an input here: both paths share it), appended to a CSV.
 
-    python kernels/benchmarks/bench_context_kv.py [--csv kernels/benchmarks/results.csv]
+    python kernels/benchmarks/bench_context_kv.py [--csv kernels/benchmarks/results.csv] [--smoke]
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # kernels/: no install needed
-from bench_draft_select import append_csv, measure, row_meta  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_draft_select import SMOKE, append_csv, device, measure, parse_args, row_meta  # noqa: E402,I001
 from context_kv import context_kv_ref, context_kv_triton  # noqa: E402
 
-LAYERS, HEADS, HEAD_DIM, KV_BLOCK, NUM_BLOCKS = 5, 8, 128, 16, 8192
+LAYERS, HEADS, HEAD_DIM, KV_BLOCK, NUM_BLOCKS = (2, 2, 32, 16, 64) if SMOKE else (5, 8, 128, 16, 8192)
 
 
 def step_inputs(batch: int, q: int = 16):
-    dev, dt = "cuda", torch.bfloat16
+    dev, dt = device(), torch.float32 if SMOKE else torch.bfloat16
     c = batch * q
     kv = torch.randn(c, LAYERS * 2 * HEADS * HEAD_DIM, device=dev, dtype=dt)
     weight = torch.ones(LAYERS, HEAD_DIM, device=dev, dtype=dt)
     inv = 1.0 / (1_000_000 ** (torch.arange(0, HEAD_DIM, 2, device=dev).float() / HEAD_DIM))
-    freqs = torch.arange(40_960, device=dev).float()[:, None] * inv[None]
+    max_pos = 1024 if SMOKE else 40_960
+    freqs = torch.arange(max_pos, device=dev).float()[:, None] * inv[None]
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dt)
-    positions = torch.randint(0, 40_000, (c,), device=dev)
+    positions = torch.randint(0, max_pos, (c,), device=dev)
     slots = torch.randperm(NUM_BLOCKS * KV_BLOCK, device=dev)[:c]
     # vLLM 0.32's FlashAttention cache per layer, (blocks, heads, block, 2 * head_dim), and the K/V views
     # its do_kv_cache_update writes through (dflash_vllm/models/cache_views.py)
@@ -40,12 +41,9 @@ def step_inputs(batch: int, q: int = 16):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--csv", default=str(Path(__file__).with_name("results.csv")))
-    args = ap.parse_args()
-    assert torch.cuda.is_available(), "run on an NVIDIA GPU"
+    args = parse_args(__doc__)
     rows = []
-    for batch in (1, 8, 32, 64):
+    for batch in (1, 3) if SMOKE else (1, 8, 32, 64):
         inputs, caches = step_inputs(batch)
         context_kv_ref(*inputs)
         want = [t.clone() for t in caches]
