@@ -65,6 +65,8 @@ class StepCostModel:
             self.cost1(num_tokens) if self.known() else None)
         if usual is not None and seconds > 4 * usual:
             return False
+        if cur is not None and cur[2] < self.min_observations and cur[1] > 4 * seconds:
+            cur = None  # the bucket's few earlier samples were the outliers (a first call, a stall)
         if cur is None:
             self.online[b] = [float(num_tokens), seconds, 1.0]
         else:
@@ -361,8 +363,17 @@ class AdaptiveController:
     lengths once it ran, ``end_step`` closes the step.
     """
 
-    def __init__(self, max_drafts: int):
+    def __init__(self, max_drafts: int, warmup_drafts: int = 3, explore_every: int = 128):
         self.max_drafts = max_drafts
+        # The first block passes pay one-off costs (lazy initialisation, compiled-graph loading): their
+        # times would make drafting look far dearer than it is, and no draft would ever be sent again
+        # to correct it. They are not counted.
+        self.warmup_drafts = warmup_drafts
+        # When the cost model keeps vetoing drafts at a batch size, one drafting step every
+        # ``explore_every`` refreshes the drafter's measured cost (the veto rests on it).
+        self.explore_every = explore_every
+        self._drafting_steps = 0
+        self._vetoed: dict[int, int] = {}  # batch-size bucket -> consecutive vetoes
         self.step_cost = StepCostModel()
         self.draft_cost = StepCostModel()
         self.calibrator = AcceptanceCalibrator(max_drafts)
@@ -390,7 +401,9 @@ class AdaptiveController:
     def end_step(self, now: float, num_reqs: int = 0, draft_tokens: int = 0, draft_seconds: float = 0.0) -> None:
         self._last_end = now
         if draft_tokens:
-            self.draft_cost.observe(draft_tokens, draft_seconds)
+            self._drafting_steps += 1
+            if self._drafting_steps > self.warmup_drafts:
+                self.draft_cost.observe(draft_tokens, draft_seconds)
 
     def _draft_seconds(self, query_tokens) -> np.ndarray:
         if not self.draft_cost.known():
@@ -419,6 +432,14 @@ class AdaptiveController:
         gains = np.minimum(self.requests.factors(req_ids)[:, None] * curve[None], 0.999)
         gains = np.where(np.arange(k)[None] >= caps[:, None], 0.0, gains)
         sel = choose_requests(gains, self.step_cost.cost, self._draft_seconds, block_tokens)
+        b = PlainOrDraft.bucket(len(req_ids))
+        if sel.any():
+            self._vetoed[b] = 0
+        elif caps.any():
+            self._vetoed[b] = self._vetoed.get(b, 0) + 1
+            if self._vetoed[b] >= self.explore_every:  # re-measure what drafting costs here
+                self._vetoed[b] = 0
+                sel = caps > 0
         self.requests.idle([rid for rid, s, c in zip(req_ids, sel, caps, strict=True) if not s and c > 0])
         return sel
 

@@ -165,3 +165,27 @@ def test_measured_rates_pick_the_faster_mode_and_keep_checking():
         m.observe(16, d, tokens=rates[d] * 0.01, seconds=0.01)
     assert sum(choices[-100:]) > 90
     assert not m.observe(16, True, tokens=1, seconds=30.0), "an idle gap is not a step"
+
+
+def test_first_block_passes_do_not_price_drafting_out():
+    """A first block pass that costs 20x the usual (lazy initialisation) must not stop drafting
+    for good: warm-up passes are not counted, and a bucket's early outlier is replaced."""
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.step_cost.set_profile({1: 5e-3, 8: 5.5e-3})
+    ctl.end_step(0.0, 1, 8, 75e-3)  # the first drafting step: 75 ms
+    for _ in range(ctl.warmup_drafts):
+        ctl.end_step(0.0, 1, 8, 2e-3)
+    assert ctl.draft_cost.cost1(8) < 3e-3
+    m = StepCostModel()
+    m.observe(8, 75e-3)
+    m.observe(8, 2e-3)
+    assert m.cost1(8) < 3e-3, "a 4x faster second sample replaces a lone first one"
+
+
+def test_vetoed_drafting_is_re_measured_now_and_then():
+    ctl = AdaptiveController(max_drafts=7, explore_every=16)
+    ctl.step_cost.set_profile({1: 5e-3, 8: 5.5e-3})
+    for _ in range(ctl.warmup_drafts + 2):
+        ctl.end_step(0.0, 1, 8, 1.0)  # a drafter priced at a second a pass
+    picks = [bool(ctl.select(["a"], np.full(1, 7), 8).any()) for _ in range(64)]
+    assert sum(picks) == 4 and picks[15], "one drafting step every 16 vetoes"
