@@ -9,7 +9,7 @@ import sys
 def _demo(args) -> int:
     from dflash_vllm.demo import run_demo
 
-    return run_demo(args.target, args.drafter, args.max_tokens, args.num_speculative_tokens)
+    return run_demo(args.target, args.drafter, args.max_tokens, args.num_speculative_tokens, args.concurrency)
 
 
 def _train(args) -> int:
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--drafter", help="DFlash drafter directory (z-lab layout)")
     demo.add_argument("--max-tokens", type=int, default=96)
     demo.add_argument("--num-speculative-tokens", type=int, default=None, help="default: block_size - 1")
+    demo.add_argument("--concurrency", type=int, default=1,
+                      help="requests in flight (default 1: one user's stream; the bench sweeps 1 to 64)")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", help="train a DFlash drafter for a Hugging Face target")

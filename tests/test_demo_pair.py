@@ -72,3 +72,16 @@ def test_adaptive_lossless_with_variable_lengths(demo):
     assert per_req[0] is None or per_req[0]["num_draft_tokens"] == 0, per_req[0]
     assert sum(m["num_draft_tokens"] for m in per_req[1:]) > 0
     assert run["spec"]["acceptance_length"] > 2.0
+
+
+def test_demo_command_is_lossless_and_drafts(capsys):
+    """`scripts/demo.sh` (= `dflash-vllm demo`): one request at a time on the shipped pair, the
+    plugin's text equals plain decoding's, and drafts are sent and accepted."""
+    from dflash_vllm.demo import run_demo
+
+    assert run_demo(None, None, max_tokens=32, num_speculative_tokens=None) == 0
+    out = capsys.readouterr().out
+    assert "the shipped demo pair (trained)" in out
+    assert "greedy output identical to plain decoding: True" in out
+    tau = float(out.split("mean acceptance length (tau): ")[1].split()[0])
+    assert tau > 1.5, out[-600:]
