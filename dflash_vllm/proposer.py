@@ -101,8 +101,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         if kernels == "triton" and not triton_usable(device):
             raise DFlashConfigError("additional_config.dflash.kernels='triton' needs a CUDA device (or "
                                     "TRITON_INTERPRET=1 for tests); use 'auto' or 'torch'")
-        self._triton_inputs = kernels == "triton" or (
-            kernels == "auto" and device.type == "cuda" and "block_inputs" in TRITON_BY_DEFAULT)
+        self._triton_inputs = self._triton_kernel("block_inputs")
         logger.info(
             "dflash-vllm %s: DFlash proposer active (block_size=%d, num_speculative_tokens=%d, "
             "target_layer_ids=%s, adaptive=%s)",
@@ -135,10 +134,15 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 f"target {type(target).__name__} exposes no embed_tokens/lm_head for the drafter to share"
             )
         self.model.share_target_modules(embed, target.lm_head, target.logits_processor)
-        kernels = self.options.kernels
-        self.model.context_kv_kernel = kernels == "triton" or (
-            kernels == "auto" and self.device.type == "cuda" and "context_kv" in TRITON_BY_DEFAULT)
+        self.model.context_kv_kernel = self._triton_kernel("context_kv")
         self._use_draft_select, self._lm_head_weight = self._choose_draft_select(target)
+
+    def _triton_kernel(self, name: str) -> bool:
+        """Whether the ``kernels`` option runs kernel ``name`` in Triton: always with "triton"; with
+        "auto" on CUDA for the kernels measured faster than their reference (``TRITON_BY_DEFAULT``)."""
+        kernels = self.options.kernels
+        return kernels == "triton" or (kernels == "auto" and self.device.type == "cuda"
+                                       and name in TRITON_BY_DEFAULT)
 
     def _choose_draft_select(self, target) -> tuple[bool, torch.Tensor | None]:
         """The fused Triton selection applies where the logits are a plain ``h @ W.T`` over the
@@ -150,7 +154,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         weight = getattr(target.lm_head, "weight", None)
         plain = (weight is not None and self.vllm_config.parallel_config.tensor_parallel_size == 1
                  and getattr(lp, "scale", 1.0) == 1.0 and getattr(lp, "soft_cap", None) is None)
-        if choice == "auto" and not (plain and self.device.type == "cuda" and "draft_select" in TRITON_BY_DEFAULT):
+        if choice == "auto" and not (plain and self._triton_kernel("draft_select")):
             return False, None
         if not plain or not triton_usable(self.device):
             raise DFlashConfigError(

@@ -155,6 +155,7 @@ class DFlashVllmDrafter(nn.Module):
         self.register_buffer("mask_embedding", torch.empty(0), persistent=False)
         self._ctx_kv_weight: torch.Tensor | None = None  # built from the loaded qkv weights
         self._ctx_kv_bias: torch.Tensor | None = None
+        self._ctx_k_norm: torch.Tensor | None = None
         # The fused context_kv kernel (kernels option): norm + RoPE + paged write of every layer in
         # one launch. Its cache views are built and probed at the first write (None: unusable).
         self.context_kv_kernel = False
@@ -187,6 +188,7 @@ class DFlashVllmDrafter(nn.Module):
         self._ctx_kv_weight = torch.cat([a.qkv_proj.weight[a.q_size:] for a in attns]).contiguous()
         biases = [a.qkv_proj.bias for a in attns]
         self._ctx_kv_bias = None if biases[0] is None else torch.cat([b[a.q_size:] for a, b in zip(attns, biases, strict=True)])
+        self._ctx_k_norm = torch.stack([a.k_norm.weight for a in attns])  # [L, head_dim], for context_kv
 
     def write_context_kv(self, context: torch.Tensor, positions: torch.Tensor,
                          slot_mapping: torch.Tensor | None) -> None:
@@ -198,7 +200,7 @@ class DFlashVllmDrafter(nn.Module):
             views = self._context_cache_views()
             if views is not None:
                 attn = self.layers[0].self_attn
-                context_kv(all_kv, self._k_norm_weight, attn.k_norm.variance_epsilon, attn.rotary_emb.cos_sin_cache,
+                context_kv(all_kv, self._ctx_k_norm, attn.k_norm.variance_epsilon, attn.rotary_emb.cos_sin_cache,
                            positions, slot_mapping, *views, use_triton=True)
                 return
         for layer, kv in zip(self.layers, all_kv.chunk(len(self.layers), dim=-1), strict=True):
@@ -232,14 +234,6 @@ class DFlashVllmDrafter(nn.Module):
                                "layout (%s); writing the context K/V through the backend", type(attns[0].impl).__name__)
             self._ctx_views = (ptr, views)
         return self._ctx_views[1]
-
-    @property
-    def _k_norm_weight(self) -> torch.Tensor:
-        """[L, head_dim] every layer's k_norm weight, stacked once."""
-        w = getattr(self, "_k_norm_stacked", None)
-        if w is None:
-            w = self._k_norm_stacked = torch.stack([layer.self_attn.k_norm.weight for layer in self.layers])
-        return w
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeds = self.embed_tokens(input_ids)
@@ -291,7 +285,6 @@ class DFlashVllmDrafter(nn.Module):
             )
         self._load_mask_embedding()
         self._build_context_projection()
-        self._k_norm_stacked = None  # restacked from the loaded weights at the next use
         return loaded
 
     def _load_mask_embedding(self) -> None:
