@@ -373,6 +373,7 @@ class AdaptiveController:
         # ``explore_every`` refreshes the drafter's measured cost (the veto rests on it).
         self.explore_every = explore_every
         self._drafting_steps = 0
+        self._mode_checked = False  # wants_draft() already asked PlainOrDraft about this step
         self._vetoed: dict[int, int] = {}  # batch-size bucket -> consecutive vetoes
         self.step_cost = StepCostModel()
         self.draft_cost = StepCostModel()
@@ -405,6 +406,20 @@ class AdaptiveController:
             if self._drafting_steps > self.warmup_drafts:
                 self.draft_cost.observe(draft_tokens, draft_seconds)
 
+    def wants_draft(self, num_reqs: int) -> bool:
+        """After a plain step (the drafter idle): whether the next one drafts. Asked once per step;
+        when it says yes, ``select`` takes the answer instead of asking again."""
+        self._mode_checked = self.modes.prefer_draft(num_reqs)
+        return self._mode_checked
+
+    def plain_step(self, now: float, num_reqs: int, num_tokens: int) -> None:
+        """Account for a plain step the drafter sat out (cycle rate, step cost at ``num_tokens``)."""
+        self._mode_checked = False
+        self.close_cycle(now, num_tokens, 0)
+        self.begin_step(now, num_tokens)
+        self.end_step(now)
+        self.open_cycle(now, num_reqs, 0)
+
     def _draft_seconds(self, query_tokens) -> np.ndarray:
         if not self.draft_cost.known():
             return np.zeros(np.shape(query_tokens))
@@ -421,7 +436,8 @@ class AdaptiveController:
     def select(self, req_ids: list[str], caps: np.ndarray, block_tokens: int) -> np.ndarray:
         """Before the drafter runs: [R] bool, the requests whose drafts pay at this load."""
         caps = np.asarray(caps)
-        if not self.modes.prefer_draft(len(req_ids)):
+        checked, self._mode_checked = self._mode_checked, False
+        if not checked and not self.modes.prefer_draft(len(req_ids)):
             self.requests.idle([rid for rid, c in zip(req_ids, caps, strict=True) if c > 0])
             return np.zeros(len(req_ids), dtype=bool)
         if not self.step_cost.known():

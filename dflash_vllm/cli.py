@@ -63,18 +63,19 @@ def _bench(args) -> int:
     cfg = BenchConfig(target=target, drafter=drafter, prompts=prompts, modes=modes,
                       concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps, waves=args.waves,
                       temperature=args.temperature, max_tokens=args.max_tokens,
-                      num_speculative_tokens=args.num_speculative_tokens, compile=not args.no_compile)
+                      num_speculative_tokens=args.num_speculative_tokens, compile=not args.no_compile,
+                      kv_cache_bytes=args.kv_cache_mib << 20)
     from rich.progress import Progress
 
-    with Progress() as progress:
-        task = progress.add_task("bench", total=len(modes))
+    with Progress() as progress:  # one unit per engine start and per run
+        task = progress.add_task("bench", total=len(modes) * (1 + len(cfg.concurrency) * cfg.reps))
         done = []
 
-        def step(mode):
+        def step(what):
             if done:
                 progress.advance(task)
-            done.append(mode)
-            progress.update(task, description=f"bench: {mode} engine ({len(done)}/{len(modes)})")
+            done.append(what)
+            progress.update(task, description=f"bench: {what}")
 
         results = run_bench(cfg, log_dir=args.log_dir, progress=step)
         progress.advance(task)
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--num-speculative-tokens", type=int, default=None, help="default: block_size - 1")
     bench.add_argument("--no-compile", action="store_true", help="eager engines (faster start, for smoke runs)")
+    bench.add_argument("--kv-cache-mib", type=int, default=1024,
+                       help="KV cache of each engine (all modes' engines are up at once: they take turns)")
     bench.add_argument("--json", help="write every raw figure and machine info here")
     bench.add_argument("--plot", help="write tokens/s and per-position acceptance plots here (PNG)")
     bench.add_argument("--log-dir", help="keep each engine's log here")

@@ -36,6 +36,15 @@ class DFlashOptions(BaseModel):
     profile_steps: bool = Field(True, description=(
         "time a few target steps of different sizes at start-up to seed the adaptive cost model "
         "(otherwise it learns from the running engine only)"))
+    plain_steps: bool = Field(True, description=(
+        "with adaptive drafting: while drafting does not pay at the current load, the engine runs "
+        "true plain decoding steps (no aux-state gather, rejection sampler or drafter context pass) "
+        "and measures now and then whether drafting pays again; false: such steps still take "
+        "vLLM's speculative path with zero drafts"))
+    backfill_tokens: int = Field(4096, ge=0, description=(
+        "target features of the most recent plain-step tokens kept (a ring of this many tokens x "
+        "len(target_layer_ids) x hidden size, in the target's dtype) so that the drafter's context is "
+        "complete for them when drafting resumes; 0: resume with a gap in the drafter's context"))
     kernels: Literal["auto", "triton", "torch"] = Field("auto", description=(
         "the drafting step's kernels (block inputs, greedy draft selection without [N, vocab] "
         "logits): Triton or their PyTorch references; auto: Triton on CUDA for the kernels measured "

@@ -284,6 +284,102 @@ def _metric_applied() -> bool:
     return getattr(_spec_prom().observe, "_dflash_vllm", False)
 
 
+# -- 8. plain decoding steps while drafting does not pay ----------------------------------------------
+_PROPOSE_PARAMS = ["self", "scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states",
+                   "sample_hidden_states", "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata",
+                   "slot_mappings"]
+
+
+PLAIN_FLAG = "dflash_plain"  # on a ModelRunnerOutput: no drafts were made; the next step runs plain
+
+
+def _engine_classes():
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+
+    return Scheduler, EngineCore
+
+
+def _locate_plain_steps() -> None:
+    cls = _runner_module().GPUModelRunner
+    scheduler, core = _engine_classes()
+    _require(callable(getattr(scheduler, "update_from_output", None)), "plain-steps",
+             "Scheduler.update_from_output is gone")
+    _require("take_draft_token_ids" in inspect.getsource(core.post_step), "plain-steps",
+             "EngineCore.post_step no longer fetches draft tokens")
+    for name in ("_prepare_inputs", "propose_draft_token_ids", "sample_tokens"):
+        _require(callable(getattr(cls, name, None)), "plain-steps", f"GPUModelRunner.{name} is gone")
+    params = list(inspect.signature(cls.propose_draft_token_ids).parameters)
+    _require(params == _PROPOSE_PARAMS, "plain-steps",
+             f"GPUModelRunner.propose_draft_token_ids takes {params}, expected {_PROPOSE_PARAMS}")
+    _require("use_spec_decode = self.speculative_config is not None" in inspect.getsource(cls._prepare_inputs),
+             "plain-steps", "GPUModelRunner._prepare_inputs no longer picks its path from self.speculative_config")
+
+
+def _apply_plain_steps() -> None:
+    cls = _runner_module().GPUModelRunner
+    prepare, propose, sample = cls._prepare_inputs, cls.propose_draft_token_ids, cls.sample_tokens
+    scheduler, core = _engine_classes()
+    update, post_step = scheduler.update_from_output, core.post_step
+
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        # A step with no drafts to verify, after which the drafter stays idle: vLLM's plain path
+        # (logits at the last token of each request, the plain sampler, no spec metadata).
+        if getattr(getattr(self, "drafter", None), "plain", False) and not scheduler_output.scheduled_spec_decode_tokens:
+            spec, self.speculative_config = self.speculative_config, None
+            try:
+                return prepare(self, scheduler_output, *args, **kwargs)
+            finally:
+                self.speculative_config = spec
+        return prepare(self, scheduler_output, *args, **kwargs)
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
+                                slot_mappings):
+        drafter = getattr(self, "drafter", None)
+        if spec_decode_metadata is None and getattr(drafter, "plain", False):
+            num_tokens = scheduler_output.total_num_scheduled_tokens
+            if drafter.stay_plain(self.input_batch.num_reqs, num_tokens, aux_hidden_states,
+                                  self._get_positions(num_tokens), common_attn_metadata):
+                return []  # no drafts: the scheduler already cleared every request's last ones
+        return propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                       sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
+                       slot_mappings)
+
+    def sample_tokens(self, *args, **kwargs):
+        # Tell the engine core that this step made no drafts (it then skips the draft-token fetch,
+        # a round trip to the worker); the attribute travels with the output to its process.
+        out = sample(self, *args, **kwargs)
+        if getattr(getattr(self, "drafter", None), "plain", False) and hasattr(out, "sampled_token_ids"):
+            setattr(out, PLAIN_FLAG, True)
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output, *args, **kwargs):
+        self._dflash_plain = getattr(model_runner_output, PLAIN_FLAG, False)
+        return update(self, scheduler_output, model_runner_output, *args, **kwargs)
+
+    def post_step_(self, model_executed: bool, *args, **kwargs):
+        if model_executed and getattr(self.scheduler, "_dflash_plain", False):
+            return None  # no drafts to fetch: the worker made none this step
+        return post_step(self, model_executed, *args, **kwargs)
+
+    for fn in (_prepare_inputs, propose_draft_token_ids, sample_tokens, update_from_output, post_step_):
+        fn._dflash_vllm = True
+    cls._orig__prepare_inputs, cls._orig_propose_draft_token_ids, cls._orig_sample_tokens = prepare, propose, sample
+    cls._prepare_inputs, cls.propose_draft_token_ids, cls.sample_tokens = (_prepare_inputs, propose_draft_token_ids,
+                                                                           sample_tokens)
+    scheduler._orig_update_from_output, core._orig_post_step = update, post_step
+    scheduler.update_from_output, core.post_step = update_from_output, post_step_
+
+
+def _plain_steps_applied() -> bool:
+    cls = _runner_module().GPUModelRunner
+    scheduler, core = _engine_classes()
+    return all(getattr(getattr(c, n), "_dflash_vllm", False) for c, n in (
+        (cls, "_prepare_inputs"), (cls, "propose_draft_token_ids"), (cls, "sample_tokens"),
+        (scheduler, "update_from_output"), (core, "post_step")))
+
+
 PATCHES: list[Patch] = [
     Patch("proposer", "gpu_model_runner.DFlashProposer -> DFlashVllmProposer: `method: dflash` builds our "
           "proposer (V1 runner; CPUModelRunner inherits it).", _locate_proposer, _apply_proposer,
@@ -304,6 +400,10 @@ PATCHES: list[Patch] = [
     Patch("draft-length-metric", f"SpecDecodingProm also exports {DRAFT_LENGTH_METRIC}, a histogram of "
           "per-request draft lengths, from vLLM's own per-position draft counts.", _locate_metric,
           _apply_metric, _metric_applied),
+    Patch("plain-steps", "GPUModelRunner._prepare_inputs/propose_draft_token_ids: while the adaptive "
+          "drafter is idle (drafting does not pay at this load), steps run vLLM's plain decoding path and "
+          "skip the drafter's context pass; the drafter decides each step whether to resume.",
+          _locate_plain_steps, _apply_plain_steps, _plain_steps_applied),
 ]
 
 

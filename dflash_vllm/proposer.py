@@ -37,7 +37,8 @@ from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
 from dflash_vllm import __version__
 from dflash_vllm.adaptive import AdaptiveController
 from dflash_vllm.checkpoint import DFlashConfigError, feature_index, parse_draft_spec
-from dflash_vllm.kernels import block_inputs, context_slots, draft_select, triton_usable
+from dflash_vllm.context_backlog import ContextBacklog
+from dflash_vllm.kernels import block_inputs, context_slots, draft_select, token_slots, triton_usable
 from dflash_vllm.options import DFlashRequestError, parse_options, parse_request_options
 
 logger = init_logger("vllm.dflash_vllm.proposer")
@@ -91,6 +92,14 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self.variable_lengths = not vllm_config.scheduler_config.async_scheduling and runner is not None
         self.adaptive = (AdaptiveController(self.num_speculative_tokens)
                          if self.options.adaptive and self.variable_lengths else None)
+        # While drafting does not pay at the current load, whole steps run as plain decoding (the
+        # runner reads ``plain``; patches.py "plain-steps"). Not for hybrid targets, whose recurrent
+        # state vLLM advances differently on its speculative path.
+        self._plain_ok = (self.adaptive is not None and self.options.plain_steps
+                          and not vllm_config.model_config.is_hybrid)
+        self.plain = False
+        self._backlog = ContextBacklog(self.options.backfill_tokens) if self._plain_ok else None
+        self.plain_steps = 0  # steps run as plain decoding so far
         self._sync = device.type == "cuda"
         self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
         self._sent: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (confidences, drafts sent)
@@ -211,6 +220,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         context = self.model.fuse_context(features)
 
         req_ids = self._batch_req_ids(num_reqs)
+        if self._backlog is not None and req_ids is not None and self._backlog.pending():
+            self._backfill(cad, req_ids)
         caps = None
         if req_ids is not None:
             accepted = self._learn_from_last_step(req_ids, cad, num_rejected_tokens_gpu)
@@ -238,6 +249,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if ctl is not None:
                 ctl.end_step(self._now())
                 ctl.open_cycle(t_begin, num_reqs, 0)
+            self.plain = self._plain_ok
             if req_ids is None:
                 return torch.empty(num_reqs, 0, dtype=torch.int64, device=target_positions.device)
             return [[] for _ in range(num_reqs)]
@@ -261,6 +273,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 full[torch.from_numpy(rows).to(full.device)] = probs
                 probs = full
             self._last_draft_probs = probs.contiguous()
+        self.plain = False
         if req_ids is None or (ctl is None and caps is None):  # fixed [R, K]: vLLM takes the tensor
             return drafts
 
@@ -280,10 +293,52 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if n and ctl is not None:  # the calibration learns from these next step
                 self._sent[req_ids[i]] = (conf[j, :n], n)
         if ctl is not None:
-            ctl.open_cycle(t_begin, num_reqs, int(np.sum(lengths)))
+            sent = int(np.sum(lengths))
+            ctl.open_cycle(t_begin, num_reqs, sent)
+            self.plain = self._plain_ok and sent == 0
         return out
 
+    def stay_plain(self, num_reqs: int, num_tokens: int, aux_hidden_states: list[torch.Tensor] | None = None,
+                   positions: torch.Tensor | None = None, cad: CommonAttentionMetadata | None = None) -> bool:
+        """The runner ran a plain step (``plain`` was set): True to run the next one plain too,
+        False to draft (the runner then calls ``propose`` for this step, which writes its context).
+        A step that stays plain only records its tokens' features (``ContextBacklog``): their
+        context K/V is written when drafting resumes."""
+        ctl = self.adaptive
+        draft = ctl is None or ctl.wants_draft(num_reqs)
+        if self._tp_size > 1:  # rank 0 decides for all (the drafting step runs collectives)
+            from vllm.distributed import get_tp_group
+
+            draft = bool(get_tp_group().broadcast_object(draft, src=0))
+        if draft:
+            self.plain = False
+            return False
+        ctl.plain_step(self._now(), num_reqs, num_tokens)
+        if self._backlog is not None and aux_hidden_states is not None and positions is not None and cad is not None:
+            counts = np.diff(cad.query_start_loc_cpu[: num_reqs + 1].numpy())
+            self._backlog.record(aux_hidden_states, positions, self._runner.input_batch.req_ids[:num_reqs], counts)
+        if not self.plain_steps:
+            logger.info("dflash-vllm: drafting does not pay at %d requests: plain decoding steps until it "
+                        "does (re-measured now and then)", num_reqs)
+        self.plain_steps += 1
+        return True
+
     # -- helpers of the drafting step ----------------------------------------------------------
+    def _backfill(self, cad: CommonAttentionMetadata, req_ids: list[str]) -> None:
+        """Drafting resumes: the context K/V of the plain-step tokens kept in the backlog, for the
+        requests still running (only positions their cache holds now: a preempted request's old
+        positions may have no block yet)."""
+        got = self._backlog.take({rid: i for i, rid in enumerate(req_ids)})
+        if got is None:
+            return
+        features, positions, rows = got
+        ok = positions < cad.seq_lens[rows].to(positions.dtype)
+        if not bool(ok.all()):
+            features, positions, rows = features[ok], positions[ok], rows[ok]
+        if positions.numel():
+            slots = token_slots(cad.block_table_tensor, rows, positions, self.block_size)
+            self.model.write_context_kv(self.model.fuse_context(self._features(features)), positions, slots)
+
     def _now(self) -> float:
         if self._sync:
             torch.cuda.synchronize(self.device)

@@ -10,6 +10,7 @@ from dflash_vllm.kernels.block_inputs import (
     block_inputs_ref,
     block_inputs_triton,
     context_slots,
+    token_slots,
 )
 from dflash_vllm.kernels.context_kv import context_kv, context_kv_ref, context_kv_triton
 from dflash_vllm.kernels.draft_select import (
@@ -23,4 +24,4 @@ from dflash_vllm.kernels.draft_select import (
 
 __all__ = ["BlockInputs", "block_inputs", "block_inputs_ref", "block_inputs_triton", "context_kv", "context_kv_ref",
            "context_kv_triton", "context_slots", "DraftSelection", "draft_probs", "draft_probs_ref", "draft_select",
-           "draft_select_ref", "triton_usable"]
+           "draft_select_ref", "token_slots", "triton_usable"]

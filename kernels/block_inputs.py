@@ -47,6 +47,11 @@ def _slots(block_table: torch.Tensor, rows: torch.Tensor, positions: torch.Tenso
     return block_table[rows, block_idx].to(torch.int64) * kv_block + positions % kv_block
 
 
+def token_slots(block_table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, kv_block: int) -> torch.Tensor:
+    """[N] paged-KV slots of tokens at ``positions`` of the requests in batch ``rows``."""
+    return _slots(block_table, rows, positions, kv_block)
+
+
 def context_slots(query_start_loc: torch.Tensor, target_positions: torch.Tensor, block_table: torch.Tensor,
                   kv_block_size: int, num_reqs: int) -> torch.Tensor:
     """[T] paged-KV slots of the step's target tokens, each at its own position (the context alone:

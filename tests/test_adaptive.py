@@ -189,3 +189,26 @@ def test_vetoed_drafting_is_re_measured_now_and_then():
         ctl.end_step(0.0, 1, 8, 1.0)  # a drafter priced at a second a pass
     picks = [bool(ctl.select(["a"], np.full(1, 7), 8).any()) for _ in range(64)]
     assert sum(picks) == 4 and picks[15], "one drafting step every 16 vetoes"
+
+
+def test_plain_steps_are_timed_and_drafting_resumes_when_it_pays():
+    """Plain steps (the drafter sits them out) feed the plain rate and the step-cost model; the
+    controller answers each one whether to draft again, and asks PlainOrDraft once per step."""
+    ctl = AdaptiveController(max_drafts=7)
+    for b in (16,):  # drafting measured at 600 tokens/s, plain steps at 1600
+        for _ in range(3):
+            ctl.modes.observe(b, True, tokens=6.0, seconds=0.01)
+    now, answers = 0.0, []
+    for _ in range(200):
+        if ctl.wants_draft(16):
+            answers.append(True)
+            assert ctl.select([f"r{i}" for i in range(16)], np.full(16, 7), 8).shape == (16,)
+            ctl.modes.observe(16, True, tokens=6.0, seconds=0.01)
+        else:
+            answers.append(False)
+            ctl.plain_step(now, 16, 16)
+            now += 0.01  # 16 tokens in 10 ms
+    assert ctl.modes.rates[ctl.modes.bucket(16)]["plain"][0] == pytest.approx(1600.0)
+    assert ctl.step_cost.cost1(16) == pytest.approx(0.01)
+    late = answers[50:]
+    assert 0 < sum(late) < 0.1 * len(late), "plain from now on, drafting retried now and then"

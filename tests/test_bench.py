@@ -32,7 +32,7 @@ def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     rc = main(["bench", "--target", str(tiny_pair.target), "--drafter", str(tiny_pair.drafter),
                "--prompts", str(prompts), "--concurrency", "1,2", "--max-tokens", "16", "--reps", "2",
-               "--no-compile", "--json", str(out_json), "--plot", str(out_png)])
+               "--no-compile", "--kv-cache-mib", "128", "--json", str(out_json), "--plot", str(out_png)])
     assert rc == 0
     res = json.loads(out_json.read_text())
     assert set(res["modes"]) == {"baseline", "builtin", "plugin-fixed", "plugin"} and not res["errors"]
@@ -45,6 +45,12 @@ def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
     assert set(res["ratios"]) >= {"plugin/baseline", "plugin/builtin", "plugin/plugin-fixed"}
     assert len(res["ratios"]["plugin/baseline"]["2"]["per_rep"]) == 2
     assert {"cpu", "vllm", "torch", "commit"} <= set(res["machine"])
+    # interleaved: every mode runs c1_r0 before any runs c1_r1, and the mode going first rotates
+    order = res["order"]
+    assert len(order) == 4 * 2 * 2
+    for i in range(0, len(order), 4):
+        assert len({name for name, _ in order[i:i + 4]}) == 1 and len({m for _, m in order[i:i + 4]}) == 4
+    assert order[0][1] != order[4][1]
     with Image.open(out_png) as img:
         assert img.size[0] > 400
 

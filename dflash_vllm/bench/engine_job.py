@@ -74,42 +74,48 @@ def counters_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, A
 
 
 def _run_jobs(spec: dict[str, Any]) -> dict[str, Any]:
-    from vllm import LLM, SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
+    from vllm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(**spec["engine"])
     results = {"engine_start_s": time.perf_counter() - t0, "jobs": []}
     for job in spec["jobs"]:
-        base = dict(job.get("sampling", {}))
-        if job.get("structured"):  # e.g. {"regex": ...} or {"json": schema}: vLLM's structured outputs
-            base["structured_outputs"] = StructuredOutputsParams(**job["structured"])
-        n = len(job["prompts"])
-        max_tokens = job.get("max_tokens") or [base.get("max_tokens", 16)] * n
-        extra = job.get("extra_args") or [None] * n  # per prompt, e.g. {"dflash": {"max_draft_tokens": 2}}
-        params = [SamplingParams(**{**base, "max_tokens": m, **({"extra_args": e} if e else {})})
-                  for m, e in zip(max_tokens, extra, strict=True)]
-        before = spec_counters(llm)
-        t = time.perf_counter()
-        if job.get("concurrency"):
-            outputs = _closed_loop(llm, job["prompts"], params, int(job["concurrency"]))
-        else:
-            outputs = llm.generate(job["prompts"], params, use_tqdm=False)
-        wall = time.perf_counter() - t
-        token_ids = [list(o.outputs[0].token_ids) for o in outputs]
-        results["jobs"].append({
-            "name": job.get("name", ""),
-            "wall_s": wall,
-            "num_output_tokens": sum(len(t) for t in token_ids),
-            "token_ids": token_ids,
-            "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
-            "texts": [o.outputs[0].text for o in outputs],
-            "spec": counters_delta(before, spec_counters(llm)),
-            # per request, when the engine runs with per_request_spec_decode_metrics
-            "request_spec": [o.outputs[0].spec_decode_metrics.to_dict() if o.outputs[0].spec_decode_metrics
-                             else None for o in outputs],
-        })
+        results["jobs"].append(_run_job(llm, job))
     return results
+
+
+def _run_job(llm, job: dict[str, Any]) -> dict[str, Any]:
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    base = dict(job.get("sampling", {}))
+    if job.get("structured"):  # e.g. {"regex": ...} or {"json": schema}: vLLM's structured outputs
+        base["structured_outputs"] = StructuredOutputsParams(**job["structured"])
+    n = len(job["prompts"])
+    max_tokens = job.get("max_tokens") or [base.get("max_tokens", 16)] * n
+    extra = job.get("extra_args") or [None] * n  # per prompt, e.g. {"dflash": {"max_draft_tokens": 2}}
+    params = [SamplingParams(**{**base, "max_tokens": m, **({"extra_args": e} if e else {})})
+              for m, e in zip(max_tokens, extra, strict=True)]
+    before = spec_counters(llm)
+    t = time.perf_counter()
+    if job.get("concurrency"):
+        outputs = _closed_loop(llm, job["prompts"], params, int(job["concurrency"]))
+    else:
+        outputs = llm.generate(job["prompts"], params, use_tqdm=False)
+    wall = time.perf_counter() - t
+    token_ids = [list(o.outputs[0].token_ids) for o in outputs]
+    return {
+        "name": job.get("name", ""),
+        "wall_s": wall,
+        "num_output_tokens": sum(len(t) for t in token_ids),
+        "token_ids": token_ids,
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+        "spec": counters_delta(before, spec_counters(llm)),
+        # per request, when the engine runs with per_request_spec_decode_metrics
+        "request_spec": [o.outputs[0].spec_decode_metrics.to_dict() if o.outputs[0].spec_decode_metrics
+                         else None for o in outputs],
+    }
 
 
 def _closed_loop(llm, prompts: list[str], params: list, concurrency: int) -> list:
@@ -152,9 +158,81 @@ def run_engine_jobs(spec: dict[str, Any], *, timeout_s: float = 1800, log_path: 
         return json.loads(out_file.read_text())
 
 
+def _serve(spec: dict[str, Any]) -> None:
+    """Start the engine once, then run jobs as they come: one JSON line on stdin per job,
+    ``{"job": {...}, "out": PATH}``; each result is written to PATH (atomically). EOF: exit."""
+    from vllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(**spec["engine"])
+    _write_json(Path(spec["ready"]), {"engine_start_s": time.perf_counter() - t0})
+    for line in sys.stdin:
+        if line.strip():
+            cmd = json.loads(line)
+            _write_json(Path(cmd["out"]), _run_job(llm, cmd["job"]))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+class EngineServer:
+    """One engine in its own process, kept running so that jobs of several engines can be
+    interleaved (a benchmark then compares modes under the same machine conditions)."""
+
+    def __init__(self, spec: dict[str, Any], log_path: str | Path, timeout_s: float = 900):
+        self._tmp = tempfile.TemporaryDirectory(prefix="dflash-serve-")
+        self._dir = Path(self._tmp.name)
+        self._n = 0
+        self.timeout_s = timeout_s
+        self.log_path = Path(log_path)
+        ready = self._dir / "ready.json"
+        spec_file = self._dir / "spec.json"
+        spec_file.write_text(json.dumps({**spec, "ready": str(ready)}))
+        env = {**os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()}}
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dflash_vllm.bench.engine_job", "--serve", str(spec_file)],
+            env=env, stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, text=True)
+        self.engine_start_s = self._wait(ready)["engine_start_s"]
+
+    def _wait(self, path: Path) -> dict:
+        t0 = time.monotonic()
+        while not path.exists():
+            if self.proc.poll() is not None or time.monotonic() - t0 > self.timeout_s:
+                self.close()
+                tail = self.log_path.read_text(errors="replace")[-6000:]
+                raise EngineJobError(f"engine process {'exited' if self.proc.returncode is not None else 'timed out'}"
+                                     f" (code {self.proc.returncode}); log tail:\n{tail}")
+            time.sleep(0.05)
+        return json.loads(path.read_text())
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        self._n += 1
+        out = self._dir / f"out{self._n}.json"
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"job": job, "out": str(out)}) + "\n")
+        self.proc.stdin.flush()
+        return self._wait(out)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                if self.proc.stdin:
+                    self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self._tmp.cleanup()
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        _serve(json.loads(Path(sys.argv[2]).read_text()))
+        sys.exit(0)
     spec_path, out_path = sys.argv[1], sys.argv[2]
-    result = _run_jobs(json.loads(Path(spec_path).read_text()))
-    tmp_out = Path(out_path).with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result))
-    tmp_out.replace(out_path)  # atomic: a reader never sees half a file
+    _write_json(Path(out_path), _run_jobs(json.loads(Path(spec_path).read_text())))

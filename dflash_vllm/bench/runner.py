@@ -2,7 +2,8 @@
 plugin with fixed-length drafts (``plugin-fixed``) and with adaptive draft length (``plugin``, the
 default) on the same prompts and sampling, each mode in its own engine process.
 
-For each mode, one engine runs a warm-up and then, per concurrency ``c``, ``reps`` closed-loop runs:
+Every mode's engine starts once and stays up; its warm-up runs, then per concurrency ``c`` and
+repetition the modes take turns (interleaved, the order rotating), each with a closed-loop run:
 ``n = max(min_requests, waves * c)`` requests with ``c`` in flight at every moment (a finished
 request is replaced by the next), as a server at concurrency ``c`` runs them. Repetition ``r`` takes
 prompts ``r*n .. r*n+n-1``, cycling, the same ones in every mode. Ratios between modes are taken per
@@ -20,14 +21,16 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dflash_vllm.bench.engine_job import EngineJobError, run_engine_jobs
+from dflash_vllm.bench.engine_job import EngineJobError, EngineServer
 from dflash_vllm.bench.stats import job_figures, pairwise_ratios, summarize_mode
 
 MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
+IDLE_GAP_S = 1.5  # pause between jobs: the engine that just ran stops spinning before the next starts
 RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
           ("plugin-fixed", "builtin"), ("builtin", "baseline"))
 
@@ -111,23 +114,56 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
 
 
 def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None) -> dict:
-    """Run every mode; a mode that fails is recorded under ``errors`` and the others still run."""
+    """Run every mode, interleaved: each mode's engine starts once (in its own process) and stays up,
+    then every (concurrency, repetition) runs on each engine in turn, the order rotating from one
+    repetition to the next. Slow drift of the machine (other tenants, clocks) then hits every mode
+    alike instead of whichever mode ran during it. A mode that fails to start or dies is recorded
+    under ``errors`` and the others still run."""
     results: dict = {"machine": machine_info(), "config": {**asdict(cfg), "prompts": len(cfg.prompts)},
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "modes": {}, "ratios": {}, "errors": {}}
-    if log_dir:
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "modes": {}, "ratios": {}, "errors": {},
+                     "order": []}  # (run, mode) in the order they ran
+    log_root = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="dflash-bench-"))
+    log_root.mkdir(parents=True, exist_ok=True)
+    servers: dict[str, EngineServer] = {}
+    jobs: dict[str, dict[str, dict]] = {}
+    specs: dict[str, dict] = {}
+    try:
+        for mode in cfg.modes:
+            if progress:
+                progress(f"start {mode}")
+            try:
+                specs[mode] = engine_spec(cfg, mode)
+                servers[mode] = EngineServer({k: v for k, v in specs[mode].items() if k != "jobs"},
+                                             log_path=log_root / f"bench-{mode}.log")
+                servers[mode].run(specs[mode]["jobs"][0])  # warm-up
+                jobs[mode] = {}
+            except (EngineJobError, OSError, ValueError) as err:
+                results["errors"][mode] = str(err)[-3000:]
+                servers.pop(mode, None)
+        names = [j["name"] for j in next(iter(specs.values()))["jobs"][1:]] if specs else []
+        for i, name in enumerate(names):
+            live = [m for m in cfg.modes if m in servers]
+            order = live[i % len(live):] + live[: i % len(live)] if live else []
+            for mode in order:
+                if progress:
+                    progress(f"{name} {mode}")
+                job = next(j for j in specs[mode]["jobs"] if j["name"] == name)
+                try:
+                    jobs[mode][name] = servers[mode].run(job)
+                    results["order"].append([name, mode])
+                except (EngineJobError, OSError) as err:
+                    results["errors"][mode] = str(err)[-3000:]
+                    servers.pop(mode).close()
+                time.sleep(IDLE_GAP_S)  # the engine just used goes idle (vLLM's workers spin ~1 s)
+    finally:
+        for server in servers.values():
+            server.close()
     for mode in cfg.modes:
-        if progress:
-            progress(mode)
-        log = Path(log_dir) / f"bench-{mode}.log" if log_dir else None
-        try:
-            out = run_engine_jobs(engine_spec(cfg, mode), log_path=log, timeout_s=3600)
-        except (EngineJobError, OSError, ValueError) as err:
-            results["errors"][mode] = str(err)[-3000:]
+        if mode in results["errors"] or mode not in jobs:
             continue
-        jobs = {j["name"]: j for j in out["jobs"]}
-        results["modes"][mode] = {"engine_start_s": out["engine_start_s"], "by_concurrency": {
-            str(c): summarize_mode([job_figures(jobs[f"c{c}_r{r}"], c) for r in range(cfg.reps)])
+        start = servers[mode].engine_start_s if mode in servers else None
+        results["modes"][mode] = {"engine_start_s": start, "by_concurrency": {
+            str(c): summarize_mode([job_figures(jobs[mode][f"c{c}_r{r}"], c) for r in range(cfg.reps)])
             for c in cfg.concurrency}}
     for num, den in RATIOS:
         if num in results["modes"] and den in results["modes"]:
