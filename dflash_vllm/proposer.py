@@ -231,12 +231,15 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
         drafting = k > 0 and bool(caps_np.max(initial=0) > 0) and not self._profiling
         rows = None  # requests the block pass runs for; None: all of them
+        plain_by_mode = False  # the measured rates prefer plain steps at this load
         if drafting and ctl is not None:
             sel = ctl.select(req_ids, caps_np, 1 + k)
+            plain_by_mode = ctl.plain_by_mode
             if self._tp_size > 1:  # ranks time their own steps: rank 0 decides for all (collectives)
                 from vllm.distributed import get_tp_group
 
-                sel = np.asarray(get_tp_group().broadcast_object(sel.tolist(), src=0), dtype=bool)
+                sel, plain_by_mode = get_tp_group().broadcast_object((sel.tolist(), plain_by_mode), src=0)
+                sel = np.asarray(sel, dtype=bool)
             drafting = bool(sel.any())
             if drafting and not sel.all():
                 rows = np.flatnonzero(sel)
@@ -249,7 +252,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if ctl is not None:
                 ctl.end_step(self._now())
                 ctl.open_cycle(t_begin, num_reqs, 0)
-            self.plain = self._plain_ok
+            # plain steps from the next one on when the measured rates prefer them at this load (a
+            # veto of the cost model is re-asked every step through the speculative path instead)
+            self.plain = self._plain_ok and plain_by_mode
             if req_ids is None:
                 return torch.empty(num_reqs, 0, dtype=torch.int64, device=target_positions.device)
             return [[] for _ in range(num_reqs)]
@@ -295,7 +300,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         if ctl is not None:
             sent = int(np.sum(lengths))
             ctl.open_cycle(t_begin, num_reqs, sent)
-            self.plain = self._plain_ok and sent == 0
+            self.plain = False
         return out
 
     def stay_plain(self, num_reqs: int, num_tokens: int, aux_hidden_states: list[torch.Tensor] | None = None,
