@@ -291,6 +291,12 @@ class PlainOrDraft:
     measured per batch-size bucket over whole step cycles (drafter, target, scheduler, sampler and
     output processing alike), so costs the step model does not see still count.
 
+    A mode's rate is a ratio of decayed sums, tokens over seconds of its recent cycles (``decay``
+    per cycle): a drafting cycle yields anywhere from 1 to K+1 tokens per request, so a mean of
+    per-cycle rates would follow the luck of the last few. While a mode has fewer than
+    ``min_observations`` cycles, one 4x faster than its estimate replaces it (the first cycles at a
+    new batch size pay one-off costs).
+
     The better mode is used; the other is retried now and then, less often the further behind it
     is (every ``explore_base * ratio**2`` steps, at most ``explore_max``), so a change of load or
     text is noticed while a clear loser costs almost nothing.
@@ -298,14 +304,14 @@ class PlainOrDraft:
 
     MODES = ("plain", "draft")
 
-    def __init__(self, ema: float = 0.15, min_observations: int = 3, explore_base: float = 16.0,
+    def __init__(self, decay: float = 0.9, min_observations: int = 3, explore_base: float = 16.0,
                  explore_max: int = 256, max_step_s: float = 2.0):
-        self.ema = ema
+        self.decay = decay
         self.min_observations = min_observations
         self.explore_base = explore_base
         self.explore_max = explore_max
         self.max_step_s = max_step_s
-        self.rates: dict[int, dict[str, list[float]]] = {}  # bucket -> mode -> [tokens/s, count]
+        self.rates: dict[int, dict[str, list[float]]] = {}  # bucket -> mode -> [tokens/s, count, tokens, seconds]
         self._since: dict[int, int] = {}
 
     @staticmethod
@@ -344,13 +350,13 @@ class PlainOrDraft:
         if seconds > (self.max_step_s if usual is None else 5 * tokens / usual + 1e-3):
             return False
         cur = self.rates.setdefault(b, {}).get(mode)
-        rate = tokens / seconds
-        if cur is None:
-            self.rates[b][mode] = [rate, 1.0]
+        if cur is None or (cur[1] < self.min_observations and tokens / seconds > 4 * cur[0]):
+            self.rates[b][mode] = [tokens / seconds, 1.0, float(tokens), float(seconds)]
         else:
-            a = max(self.ema, 1.0 / (cur[1] + 1))
-            cur[0] += a * (rate - cur[0])
+            cur[2] = self.decay * cur[2] + tokens
+            cur[3] = self.decay * cur[3] + seconds
             cur[1] += 1
+            cur[0] = cur[2] / cur[3]
         return True
 
 
