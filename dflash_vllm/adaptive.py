@@ -476,9 +476,12 @@ class AdaptiveController:
         return (f"step ms [{pts(self.step_cost)}] draft ms [{pts(self.draft_cost)}] rates "
                 f"{np.round(self.calibrator.position_rates(self.max_drafts), 2).tolist()} tokens/s [{modes}]")
 
-    def cut(self, conf, caps) -> np.ndarray:
-        """After the drafter ran (its cost is spent): [R] draft lengths from its confidences [R, K]."""
+    def cut(self, conf, caps, draft_seconds: float = 0.0) -> np.ndarray:
+        """After the drafter ran: [R] draft lengths from its confidences [R, K]. Its cost
+        (``draft_seconds``) is spent whatever is sent, but it is part of the step: a step that
+        sends nothing still paid it, so the throughput each length gives counts it."""
         conf = np.asarray(conf, dtype=np.float64)
         if not self.step_cost.known():
             return np.minimum(np.asarray(caps), conf.shape[1])
-        return choose_draft_lengths(self.calibrator.estimate(conf), self.step_cost.cost, caps=caps)
+        return choose_draft_lengths(self.calibrator.estimate(conf), self.step_cost.cost, caps=caps,
+                                    draft_cost=draft_seconds)

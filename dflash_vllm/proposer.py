@@ -286,8 +286,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 else conf.view(num_drafted, k).float().cpu().numpy())
         drafted = range(num_reqs) if rows is None else rows.tolist()
         if ctl is not None:
-            lengths = ctl.cut(conf, caps_np[drafted])
             now = self._now()
+            lengths = ctl.cut(conf, caps_np[drafted], draft_seconds=now - t_draft)
             ctl.end_step(now, num_drafted, num_drafted * (1 + k), now - t_draft)
         else:
             lengths = caps_np[drafted]

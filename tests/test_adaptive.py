@@ -232,3 +232,15 @@ def test_rates_are_robust_to_noisy_cycles_and_a_slow_first_one():
             m.observe(1, False, tokens=1.0, seconds=0.005)
     assert sum(choices[200:]) / 800 > 0.9
     assert m.rates[0]["draft"][0] == pytest.approx(350, rel=0.35)
+
+
+def test_cut_counts_the_drafter_cost_already_spent():
+    """A first draft costs 1 ms more on a 6.4 ms step and the block pass cost 2.2 ms. At a 13%
+    chance of acceptance, sending nothing saves the 1 ms but the step still paid the drafter:
+    counted in, one draft pays (1.13 tokens / 9.6 ms > 1 / 8.6 ms); left out, it would not."""
+    def cost(n):
+        return np.interp(n, [1, 2, 8], [6.4e-3, 7.4e-3, 8.0e-3])
+
+    acc = np.array([[0.13, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    assert choose_draft_lengths(acc, cost)[0] == 0
+    assert choose_draft_lengths(acc, cost, draft_cost=2.2e-3)[0] == 1
