@@ -46,8 +46,8 @@ class ContextBacklog:
             aux = [h[skip:t] for h in aux]
             positions = positions[skip:t]
             t = self.capacity
+        h = aux[0].shape[-1]
         if self._features is None:
-            h = aux[0].shape[-1]
             self._features = aux[0].new_empty(self.capacity, h * len(aux))
             self._positions = positions.new_empty(self.capacity)
         if self._ptr + t > self.capacity:
@@ -55,7 +55,6 @@ class ContextBacklog:
         start, end = self._ptr, self._ptr + t
         while self._segments and self._overlaps(self._segments[0], start, end):
             self._segments.popleft()  # the oldest tokens give way
-        h = aux[0].shape[-1]
         for j, a in enumerate(aux):
             self._features[start:end, j * h:(j + 1) * h].copy_(a[:t])
         self._positions[start:end].copy_(positions[:t])

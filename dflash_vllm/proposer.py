@@ -298,9 +298,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if n and ctl is not None:  # the calibration learns from these next step
                 self._sent[req_ids[i]] = (conf[j, :n], n)
         if ctl is not None:
-            sent = int(np.sum(lengths))
-            ctl.open_cycle(t_begin, num_reqs, sent)
-            self.plain = False
+            ctl.open_cycle(t_begin, num_reqs, int(np.sum(lengths)))
         return out
 
     def stay_plain(self, num_reqs: int, num_tokens: int, aux_hidden_states: list[torch.Tensor] | None = None,
