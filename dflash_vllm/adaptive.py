@@ -27,6 +27,20 @@ import numpy as np
 CostFn = Callable[[np.ndarray], np.ndarray]
 
 
+def monotone_fit(ys: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``ys`` in weighted least squares (pool adjacent
+    violators). A bucket seen twice that happened to catch a slow step is averaged into its
+    well-measured neighbours instead of raising every larger step's cost, as a running maximum would."""
+    blocks: list[list[float]] = []  # [weighted mean, weight, points]
+    for y, w in zip(ys.tolist(), weights.tolist(), strict=True):
+        blocks.append([y, max(w, 1e-9), 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            y2, w2, n2 = blocks.pop()
+            y1, w1, n1 = blocks[-1]
+            blocks[-1] = [(y1 * w1 + y2 * w2) / (w1 + w2), w1 + w2, n1 + n2]
+    return np.array([b[0] for b in blocks for _ in range(b[2])], dtype=np.float64)
+
+
 class StepCostModel:
     """Seconds per step as a piecewise-linear function of the tokens in the step.
 
@@ -35,11 +49,14 @@ class StepCostModel:
     fixed overhead that observed steps show over the profile where both are known (the profile
     times the model alone; a live step adds the scheduler, the sampler and the drafter's context
     pass, which barely grow with the tokens). Beyond the largest known point the cost grows with
-    the slope of the last two points (never less than flat).
+    the slope of the last two points (never less than flat). The points are fitted non-decreasing,
+    weighted by how often each was measured (``monotone_fit``).
     """
 
-    def __init__(self, ema: float = 0.2, min_observations: int = 2, refresh_every: int = 16):
+    def __init__(self, ema: float = 0.2, min_observations: int = 2, refresh_every: int = 16,
+                 max_weight: float = 32.0):
         self.ema = ema
+        self.max_weight = max_weight
         self.min_observations = min_observations
         self.refresh_every = refresh_every
         self._observed = 0
@@ -88,18 +105,24 @@ class StepCostModel:
         return gaps[len(gaps) // 2] if gaps else 0.0
 
     def points(self) -> list[tuple[float, float]]:
+        return [(n, s) for n, s, _ in self._weighted_points()]
+
+    def _weighted_points(self) -> list[tuple[float, float, float]]:
+        """(tokens, seconds, weight): a profiled point weighs as ``min_observations`` steps, an
+        observed bucket as its step count (up to ``max_weight``)."""
         offset = self._offset()
-        merged = {b: (n, max(s + offset, 1e-6)) for b, (n, s) in self.profile.items()}
+        merged = {b: (n, max(s + offset, 1e-6), float(self.min_observations)) for b, (n, s) in self.profile.items()}
         for b, (n, s, c) in self.online.items():
             if c >= self.min_observations or b not in merged:
-                merged[b] = (n, s)
+                merged[b] = (n, s, min(c, self.max_weight))
         return sorted(merged.values())
 
     def _xy(self) -> tuple[np.ndarray, np.ndarray]:
         if self._curve is None:
-            pts = self.points()
+            pts = self._weighted_points()
             xs = np.array([p[0] for p in pts], dtype=np.float64)
-            ys = np.maximum.accumulate(np.array([p[1] for p in pts], dtype=np.float64)) if pts else xs
+            ys = monotone_fit(np.array([p[1] for p in pts], dtype=np.float64),
+                              np.array([p[2] for p in pts], dtype=np.float64))
             self._curve = (xs, ys)  # ys non-decreasing: a bigger step never costs less
         return self._curve
 
@@ -291,28 +314,34 @@ class PlainOrDraft:
     measured per batch-size bucket over whole step cycles (drafter, target, scheduler, sampler and
     output processing alike), so costs the step model does not see still count.
 
-    A mode's rate is a ratio of decayed sums, tokens over seconds of its recent cycles (``decay``
-    per cycle): a drafting cycle yields anywhere from 1 to K+1 tokens per request, so a mean of
-    per-cycle rates would follow the luck of the last few. While a mode has fewer than
-    ``min_observations`` cycles, one 4x faster than its estimate replaces it (the first cycles at a
-    new batch size pay one-off costs).
+    A mode's rate is a ratio of decayed sums, tokens over seconds of its cycles: a drafting cycle
+    yields 1 or K+1 tokens about as often as anything between, so a mean of per-cycle rates would
+    follow the luck of the last few, and the memory is long (``decay`` per own cycle). While a mode
+    has fewer than ``min_observations`` cycles, one 4x faster than its estimate replaces it (the
+    first cycles at a new batch size pay one-off costs).
 
-    The better mode is used; the other is retried now and then, less often the further behind it
-    is (every ``explore_base * ratio**2`` steps, at most ``explore_max``), so a change of load or
-    text is noticed while a clear loser costs almost nothing.
+    The better mode is used. The other one's evidence ages while it sits out (``age`` per cycle of
+    the better one, slower the further behind it is); when less than ``min_weight / 3`` cycles' worth
+    is left, it is retried for a burst of cycles until it has ``min_weight`` again. So a change of
+    load, text or machine speed is noticed, a clear loser costs little, and no decision rests on
+    the luck of a few drafting cycles.
+
+    Costs a mode causes later are charged to it (``charge``): drafting after plain steps first
+    writes the context K/V the plain steps skipped, which is the plain steps' cost, not drafting's.
     """
 
     MODES = ("plain", "draft")
 
-    def __init__(self, decay: float = 0.9, min_observations: int = 3, explore_base: float = 16.0,
-                 explore_max: int = 256, max_step_s: float = 2.0):
+    def __init__(self, decay: float = 0.97, age: float = 0.995, min_weight: float = 12.0,
+                 min_observations: int = 3, max_step_s: float = 2.0):
         self.decay = decay
+        self.age = age
+        self.min_weight = min_weight
         self.min_observations = min_observations
-        self.explore_base = explore_base
-        self.explore_max = explore_max
         self.max_step_s = max_step_s
-        self.rates: dict[int, dict[str, list[float]]] = {}  # bucket -> mode -> [tokens/s, count, tokens, seconds]
-        self._since: dict[int, int] = {}
+        # bucket -> mode -> [tokens/s, cycles, decayed tokens, decayed seconds, decayed cycles (weight)]
+        self.rates: dict[int, dict[str, list[float]]] = {}
+        self._retrying: dict[int, str] = {}  # bucket -> the mode being retried
 
     @staticmethod
     def bucket(num_reqs: int) -> int:
@@ -321,25 +350,33 @@ class PlainOrDraft:
     def _known(self, b: int) -> dict[str, list[float]]:
         return {m: v for m, v in self.rates.get(b, {}).items() if v[1] >= self.min_observations}
 
+    def _weight(self, b: int, mode: str) -> float:
+        cur = self.rates.get(b, {}).get(mode)
+        return 0.0 if cur is None or cur[1] < self.min_observations else cur[4]
+
     def prefer_draft(self, num_reqs: int) -> bool:
         b = self.bucket(num_reqs)
-        known = self._known(b)
-        if "draft" not in known:
-            return True  # learn what drafting delivers first, then what plain steps do
-        if "plain" not in known:
-            return False
-        draft, plain = known["draft"][0], known["plain"][0]
-        best = draft >= plain
-        ratio = max(draft, plain) / max(min(draft, plain), 1e-9)
-        n = self._since.get(b, 0) + 1
-        if n >= min(self.explore_max, self.explore_base * ratio**2):
-            self._since[b] = 0
-            return not best
-        self._since[b] = n
-        return best
+        retrying = self._retrying.get(b)
+        if retrying is not None:
+            if self._weight(b, retrying) < self.min_weight:
+                return retrying == "draft"
+            del self._retrying[b]
+        for mode in self.MODES[::-1]:  # learn what drafting delivers first, then what plain steps do
+            if self._weight(b, mode) < self.min_weight / 3:
+                self._retrying[b] = mode
+                return mode == "draft"
+        rates = self.rates[b]
+        return rates["draft"][0] >= rates["plain"][0]
+
+    def charge(self, num_reqs: int, mode: str, seconds: float) -> None:
+        """Add ``seconds`` spent later on ``mode``'s behalf to its measured time."""
+        cur = self.rates.get(self.bucket(num_reqs), {}).get(mode)
+        if cur is not None and seconds > 0:
+            cur[3] += seconds
+            cur[0] = cur[2] / cur[3]
 
     def observe(self, num_reqs: int, drafted: bool, tokens: float, seconds: float) -> bool:
-        """One step cycle: ``num_reqs`` requests, whether drafts were sent, tokens it produced."""
+        """One step cycle: ``num_reqs`` requests, whether the drafter ran, tokens it produced."""
         if num_reqs <= 0 or not seconds > 0:
             return False
         b = self.bucket(num_reqs)
@@ -349,12 +386,23 @@ class PlainOrDraft:
         # an idle gap (no requests for a while) is not a step
         if seconds > (self.max_step_s if usual is None else 5 * tokens / usual + 1e-3):
             return False
-        cur = self.rates.setdefault(b, {}).get(mode)
+        rates = self.rates.setdefault(b, {})
+        cur = rates.get(mode)
+        for m, v in rates.items():
+            if m == mode:
+                f = self.decay
+            else:  # the mode sitting out: its evidence ages, slower the further behind it is
+                ratio = max(cur[0] / max(v[0], 1e-9), 1.0) if cur is not None else 1.0
+                f = 1.0 - (1.0 - self.age) / ratio
+            v[2] *= f
+            v[3] *= f
+            v[4] *= f
         if cur is None or (cur[1] < self.min_observations and tokens / seconds > 4 * cur[0]):
-            self.rates[b][mode] = [tokens / seconds, 1.0, float(tokens), float(seconds)]
+            rates[mode] = [tokens / seconds, 1.0, float(tokens), float(seconds), 1.0]
         else:
-            cur[2] = self.decay * cur[2] + tokens
-            cur[3] = self.decay * cur[3] + seconds
+            cur[2] += tokens
+            cur[3] += seconds
+            cur[4] += 1.0
             cur[1] += 1
             cur[0] = cur[2] / cur[3]
         return True
@@ -388,19 +436,22 @@ class AdaptiveController:
         self.requests = RequestFactors()
         self.modes = PlainOrDraft()
         self._last_end: float | None = None
-        self._cycle: tuple[float, int, int] | None = None  # (start, requests, tokens sent to verify)
+        self._cycle: tuple[float, int, int, bool | None] | None = None  # (start, requests, tokens to verify, drafter ran)
 
     def close_cycle(self, now: float, num_tokens: int, accepted: int) -> None:
         """At the start of a step: the previous step's cycle produced one token per request plus the
         drafts vLLM accepted. A cycle whose next step also prefilled new prompts is not counted."""
         if self._cycle is not None:
-            start, num_reqs, verify_tokens = self._cycle
-            if num_tokens <= verify_tokens:
-                self.modes.observe(num_reqs, verify_tokens > num_reqs, num_reqs + accepted, now - start)
+            start, num_reqs, verify_tokens, drafted = self._cycle
+            if num_tokens <= verify_tokens and drafted is not None:
+                self.modes.observe(num_reqs, drafted, num_reqs + accepted, now - start)
         self._cycle = None
 
-    def open_cycle(self, now: float, num_reqs: int, num_drafts: int) -> None:
-        self._cycle = (now, num_reqs, num_reqs + num_drafts)
+    def open_cycle(self, now: float, num_reqs: int, num_drafts: int, drafted: bool | None) -> None:
+        """A step cycle starts. ``drafted``: the drafter ran (a cycle whose cut then sent nothing is
+        still a drafting cycle: it paid for the block pass); False: a plain step; None: neither (the
+        speculative path without a block pass), not counted in either mode's rate."""
+        self._cycle = (now, num_reqs, num_reqs + num_drafts, drafted)
 
     def begin_step(self, now: float, num_tokens: int) -> None:
         if self._last_end is not None:
@@ -425,7 +476,7 @@ class AdaptiveController:
         self.close_cycle(now, num_tokens, 0)
         self.begin_step(now, num_tokens)
         self.end_step(now)
-        self.open_cycle(now, num_reqs, 0)
+        self.open_cycle(now, num_reqs, 0, drafted=False)
 
     def _draft_seconds(self, query_tokens) -> np.ndarray:
         if not self.draft_cost.known():

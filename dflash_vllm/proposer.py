@@ -144,6 +144,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             )
         self.model.share_target_modules(embed, target.lm_head, target.logits_processor)
         self.model.context_kv_kernel = self._triton_kernel("context_kv")
+        self.model.context_kv_torch = self.device.type == "cpu"
         self._use_draft_select, self._lm_head_weight = self._choose_draft_select(target)
 
     def _triton_kernel(self, name: str) -> bool:
@@ -207,6 +208,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self._steps += 1
             if self._steps % 500 == 0:
                 logger.debug("dflash-vllm adaptive: %s", ctl.describe())
+        t_open = t_begin  # this step's cycle starts here, or after a backfill (charged to plain steps)
 
         # KV injection for every target token of the step (below; also when no drafts are wanted).
         features = self._features(target_hidden_states)
@@ -222,6 +224,10 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         req_ids = self._batch_req_ids(num_reqs)
         if self._backlog is not None and req_ids is not None and self._backlog.pending():
             self._backfill(cad, req_ids)
+            if ctl is not None:  # the plain steps' deferred cost: charged to them, not to this cycle
+                now = self._now()
+                ctl.modes.charge(num_reqs, "plain", now - t_open)
+                t_open = now
         caps = None
         if req_ids is not None:
             accepted = self._learn_from_last_step(req_ids, cad, num_rejected_tokens_gpu)
@@ -251,7 +257,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self.model.write_context_kv(context, target_positions, slots)
             if ctl is not None:
                 ctl.end_step(self._now())
-                ctl.open_cycle(t_begin, num_reqs, 0)
+                # the plain mode's step when it asked for one or when this is as plain as steps get
+                # here; a cost-model veto between drafting steps is neither mode's: not counted
+                ctl.open_cycle(t_open, num_reqs, 0, drafted=False if plain_by_mode or not self._plain_ok else None)
             # plain steps from the next one on when the measured rates prefer them at this load (a
             # veto of the cost model is re-asked every step through the speculative path instead)
             self.plain = self._plain_ok and plain_by_mode
@@ -298,7 +306,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if n and ctl is not None:  # the calibration learns from these next step
                 self._sent[req_ids[i]] = (conf[j, :n], n)
         if ctl is not None:
-            ctl.open_cycle(t_begin, num_reqs, int(np.sum(lengths)))
+            ctl.open_cycle(t_open, num_reqs, int(np.sum(lengths)), drafted=True)
         return out
 
     def stay_plain(self, num_reqs: int, num_tokens: int, aux_hidden_states: list[torch.Tensor] | None = None,

@@ -10,8 +10,8 @@ For context token ``c`` at position ``p`` with slot ``s`` (``s < 0``: padding, s
              cos/sin = cos_sin_cache[p, :D/2], cos_sin_cache[p, D/2:]   (vLLM's cache layout)
     k_cache[l][s // B, s % B] = k;  v_cache[l][s // B, s % B] = v
 
-``context_kv_ref`` is the PyTorch reference: per layer a handful of kernels and [C, H, D]
-temporaries. ``context_kv_triton`` does every layer in one launch, one program per (token, layer),
+``context_kv_ref`` is the PyTorch reference (and the CPU path): a handful of kernels over every
+layer at once and [C, L, H, D] temporaries, then one indexed store per layer and cache. ``context_kv_triton`` does every layer in one launch, one program per (token, layer),
 reading the GEMM output once and writing the caches directly: no temporary beyond the GEMM output.
 Caches are given per layer as ``[num_blocks, B, H, D]`` views with any strides, the same for every
 layer (K and V may differ): FlashAttention's ``(blocks, heads, B, 2D)`` split into K and V, or the
@@ -39,23 +39,26 @@ def context_kv_ref(kv: torch.Tensor, k_norm_weight: torch.Tensor, eps: float, co
                    positions: torch.Tensor, slot_mapping: torch.Tensor,
                    k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
     """``kv [C, L*2*H*D]``, ``k_norm_weight [L, D]``, ``cos_sin_cache [P, D]``, ``positions`` and
-    ``slot_mapping [C]``; ``k_caches``/``v_caches``: L views ``[num_blocks, B, H, D]``, written in place."""
+    ``slot_mapping [C]``; ``k_caches``/``v_caches``: L views ``[num_blocks, B, H, D]``, written in place.
+    Every layer is normalised and rotated at once (the CPU path: per-op overhead dominates there)."""
     num_layers, d = k_norm_weight.shape
     c = min(kv.shape[0], slot_mapping.shape[0])  # kv may carry padding rows past the slots
-    kv, positions, slot_mapping = kv[:c], positions[:c], slot_mapping[:c]
     h = kv.shape[1] // (2 * num_layers * d)
-    block = k_caches[0].shape[1]
+    kv, positions, slot_mapping = kv[:c].view(c, num_layers, 2, h, d), positions[:c], slot_mapping[:c]
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    cs = cos_sin_cache[positions[keep].long()].float()
-    cos, sin = cs[:, None, : d // 2], cs[:, None, d // 2:]
-    for layer, (kv_l, k_cache, v_cache) in enumerate(zip(kv.view(c, num_layers, 2, h, d).unbind(1), k_caches,
-                                                         v_caches, strict=True)):
-        k = kv_l[keep, 0].float()
-        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * k_norm_weight[layer].float()
-        k = _rope_neox(k, cos, sin)
-        k_cache[slots // block, slots % block] = k.to(k_cache.dtype)
-        v_cache[slots // block, slots % block] = kv_l[keep, 1].to(v_cache.dtype)
+    if not bool(keep.all()):
+        kv, positions, slot_mapping = kv[keep], positions[keep], slot_mapping[keep]
+    slots = slot_mapping.long()
+    block = k_caches[0].shape[1]
+    blk, off = slots // block, slots % block
+    cs = cos_sin_cache[positions.long()].float()
+    cos, sin = cs[:, None, None, : d // 2], cs[:, None, None, d // 2:]
+    k = kv[:, :, 0].float()  # [C, L, H, D]
+    k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * k_norm_weight.float()[None, :, None, :]
+    k = _rope_neox(k, cos, sin)
+    for layer, (k_cache, v_cache) in enumerate(zip(k_caches, v_caches, strict=True)):
+        k_cache[blk, off] = k[:, layer].to(k_cache.dtype)
+        v_cache[blk, off] = kv[:, layer, 1].to(v_cache.dtype)
 
 
 if triton is not None:

@@ -159,6 +159,9 @@ class DFlashVllmDrafter(nn.Module):
         # The fused context_kv kernel (kernels option): norm + RoPE + paged write of every layer in
         # one launch. Its cache views are built and probed at the first write (None: unusable).
         self.context_kv_kernel = False
+        # Without the kernel, on CPU: the same cache views written by the PyTorch reference, every
+        # layer at once (the backend path costs a norm, a RoPE and a cache write per layer).
+        self.context_kv_torch = False
         self._ctx_views: tuple[int, tuple | None] | None = None  # (cache data_ptr, views)
         self.embed_tokens: nn.Module | None = None
         self.lm_head: nn.Module | None = None
@@ -196,12 +199,12 @@ class DFlashVllmDrafter(nn.Module):
         if self._ctx_kv_weight is None:
             self._build_context_projection()
         all_kv = torch.nn.functional.linear(context, self._ctx_kv_weight, self._ctx_kv_bias)  # [C, L * 2 * kv]
-        if slot_mapping is not None and self.context_kv_kernel:
+        if slot_mapping is not None and (self.context_kv_kernel or self.context_kv_torch):
             views = self._context_cache_views()
             if views is not None:
                 attn = self.layers[0].self_attn
                 context_kv(all_kv, self._ctx_k_norm, attn.k_norm.variance_epsilon, attn.rotary_emb.cos_sin_cache,
-                           positions, slot_mapping, *views, use_triton=True)
+                           positions, slot_mapping, *views, use_triton=self.context_kv_kernel)
                 return
         for layer, kv in zip(self.layers, all_kv.chunk(len(self.layers), dim=-1), strict=True):
             k, v = layer.self_attn.context_k_v(kv, positions)
@@ -227,11 +230,13 @@ class DFlashVllmDrafter(nn.Module):
                       and getattr(rope, "rotary_dim", None) == self.layers[0].self_attn.head_dim)
             views = context_cache_views(attns) if usable else None
             if views is not None:
-                logger.info("dflash-vllm: context_kv kernel writes the draft KV cache (%s layout, probed)",
+                logger.info("dflash-vllm: context_kv %s writes the draft KV cache (%s layout, probed)",
+                            "kernel" if self.context_kv_kernel else "(PyTorch, all layers at once)",
                             type(attns[0].impl).__name__)
             else:
-                logger.warning("dflash-vllm: context_kv kernel not usable with this attention backend / cache "
-                               "layout (%s); writing the context K/V through the backend", type(attns[0].impl).__name__)
+                logger.warning("dflash-vllm: context_kv cache views not usable with this attention backend / "
+                               "cache layout (%s); writing the context K/V through the backend",
+                               type(attns[0].impl).__name__)
             self._ctx_views = (ptr, views)
         return self._ctx_views[1]
 
