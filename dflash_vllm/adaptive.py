@@ -316,9 +316,9 @@ class PlainOrDraft:
 
     A mode's rate is a ratio of decayed sums, tokens over seconds of its cycles: a drafting cycle
     yields 1 or K+1 tokens about as often as anything between, so a mean of per-cycle rates would
-    follow the luck of the last few, and the memory is long (``decay`` per own cycle). While a mode
-    has fewer than ``min_observations`` cycles, one 4x faster than its estimate replaces it (the
-    first cycles at a new batch size pay one-off costs).
+    follow the luck of the last few, and the memory is long (``decay`` per own cycle). A mode's
+    first ``min_observations`` cycles at a batch size are warm-up, each replacing the last: they pay
+    one-off costs, and the first drafting cycles run before the cut has learnt that load.
 
     The better mode is used. The other one's evidence ages while it sits out (``age`` per cycle of
     the better one, slower the further behind it is); when less than ``min_weight / 3`` cycles' worth
@@ -397,8 +397,8 @@ class PlainOrDraft:
             v[2] *= f
             v[3] *= f
             v[4] *= f
-        if cur is None or (cur[1] < self.min_observations and tokens / seconds > 4 * cur[0]):
-            rates[mode] = [tokens / seconds, 1.0, float(tokens), float(seconds), 1.0]
+        if cur is None or cur[1] < self.min_observations:  # warm-up: the latest early cycle stands for it
+            rates[mode] = [tokens / seconds, 1.0 + (cur[1] if cur else 0.0), float(tokens), float(seconds), 1.0]
         else:
             cur[2] += tokens
             cur[3] += seconds

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", default="baseline,builtin,plugin-fixed,plugin",
                        help="plugin-fixed: adaptive draft length off; plugin: the default (adaptive)")
     bench.add_argument("--concurrency", default="1,4,16,64")
-    bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--reps", type=int, default=5)
     bench.add_argument("--waves", type=int, default=4,
                        help="requests per concurrency slot per repetition (closed loop: c in flight)")
     bench.add_argument("--temperature", type=float, default=0.0)

@@ -42,11 +42,11 @@ class BenchConfig:
     prompts: list[str]
     modes: list[str] = field(default_factory=lambda: list(MODES))
     concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
-    reps: int = 3
+    reps: int = 5
     temperature: float = 0.0
     max_tokens: int = 128
     waves: int = 4  # requests per concurrency slot in one repetition
-    min_requests: int = 8
+    min_requests: int = 16
     num_speculative_tokens: int | None = None
     compile: bool = True  # vLLM's default compilation, as users run it
     max_model_len: int = 1024
