@@ -314,34 +314,28 @@ class PlainOrDraft:
     measured per batch-size bucket over whole step cycles (drafter, target, scheduler, sampler and
     output processing alike), so costs the step model does not see still count.
 
-    A mode's rate is a ratio of decayed sums, tokens over seconds of its cycles: a drafting cycle
-    yields 1 or K+1 tokens about as often as anything between, so a mean of per-cycle rates would
-    follow the luck of the last few, and the memory is long (``decay`` per own cycle). A mode's
-    first ``min_observations`` cycles at a batch size are warm-up, each replacing the last: they pay
-    one-off costs, and the first drafting cycles run before the cut has learnt that load.
+    A mode's rate is a ratio of decayed sums, tokens over seconds of its recent cycles (``decay``
+    per cycle): a drafting cycle yields anywhere from 1 to K+1 tokens per request, so a mean of
+    per-cycle rates would follow the luck of the last few. While a mode has fewer than
+    ``min_observations`` cycles, one 4x faster than its estimate replaces it (the first cycles at a
+    new batch size pay one-off costs).
 
-    The better mode is used. The other one's evidence ages while it sits out (``age`` per cycle of
-    the better one, slower the further behind it is); when less than ``min_weight / 3`` cycles' worth
-    is left, it is retried for a burst of cycles until it has ``min_weight`` again. So a change of
-    load, text or machine speed is noticed, a clear loser costs little, and no decision rests on
-    the luck of a few drafting cycles.
-
-    Costs a mode causes later are charged to it (``charge``): drafting after plain steps first
-    writes the context K/V the plain steps skipped, which is the plain steps' cost, not drafting's.
+    The better mode is used; the other is retried now and then, less often the further behind it
+    is (every ``explore_base * ratio**2`` steps, at most ``explore_max``), so a change of load or
+    text is noticed while a clear loser costs almost nothing.
     """
 
     MODES = ("plain", "draft")
 
-    def __init__(self, decay: float = 0.97, age: float = 0.995, min_weight: float = 12.0,
-                 min_observations: int = 3, max_step_s: float = 2.0):
+    def __init__(self, decay: float = 0.9, min_observations: int = 3, explore_base: float = 16.0,
+                 explore_max: int = 256, max_step_s: float = 2.0):
         self.decay = decay
-        self.age = age
-        self.min_weight = min_weight
         self.min_observations = min_observations
+        self.explore_base = explore_base
+        self.explore_max = explore_max
         self.max_step_s = max_step_s
-        # bucket -> mode -> [tokens/s, cycles, decayed tokens, decayed seconds, decayed cycles (weight)]
-        self.rates: dict[int, dict[str, list[float]]] = {}
-        self._retrying: dict[int, str] = {}  # bucket -> the mode being retried
+        self.rates: dict[int, dict[str, list[float]]] = {}  # bucket -> mode -> [tokens/s, count, tokens, seconds]
+        self._since: dict[int, int] = {}
 
     @staticmethod
     def bucket(num_reqs: int) -> int:
@@ -350,33 +344,25 @@ class PlainOrDraft:
     def _known(self, b: int) -> dict[str, list[float]]:
         return {m: v for m, v in self.rates.get(b, {}).items() if v[1] >= self.min_observations}
 
-    def _weight(self, b: int, mode: str) -> float:
-        cur = self.rates.get(b, {}).get(mode)
-        return 0.0 if cur is None or cur[1] < self.min_observations else cur[4]
-
     def prefer_draft(self, num_reqs: int) -> bool:
         b = self.bucket(num_reqs)
-        retrying = self._retrying.get(b)
-        if retrying is not None:
-            if self._weight(b, retrying) < self.min_weight:
-                return retrying == "draft"
-            del self._retrying[b]
-        for mode in self.MODES[::-1]:  # learn what drafting delivers first, then what plain steps do
-            if self._weight(b, mode) < self.min_weight / 3:
-                self._retrying[b] = mode
-                return mode == "draft"
-        rates = self.rates[b]
-        return rates["draft"][0] >= rates["plain"][0]
-
-    def charge(self, num_reqs: int, mode: str, seconds: float) -> None:
-        """Add ``seconds`` spent later on ``mode``'s behalf to its measured time."""
-        cur = self.rates.get(self.bucket(num_reqs), {}).get(mode)
-        if cur is not None and seconds > 0:
-            cur[3] += seconds
-            cur[0] = cur[2] / cur[3]
+        known = self._known(b)
+        if "draft" not in known:
+            return True  # learn what drafting delivers first, then what plain steps do
+        if "plain" not in known:
+            return False
+        draft, plain = known["draft"][0], known["plain"][0]
+        best = draft >= plain
+        ratio = max(draft, plain) / max(min(draft, plain), 1e-9)
+        n = self._since.get(b, 0) + 1
+        if n >= min(self.explore_max, self.explore_base * ratio**2):
+            self._since[b] = 0
+            return not best
+        self._since[b] = n
+        return best
 
     def observe(self, num_reqs: int, drafted: bool, tokens: float, seconds: float) -> bool:
-        """One step cycle: ``num_reqs`` requests, whether the drafter ran, tokens it produced."""
+        """One step cycle: ``num_reqs`` requests, whether drafts were sent, tokens it produced."""
         if num_reqs <= 0 or not seconds > 0:
             return False
         b = self.bucket(num_reqs)
@@ -386,23 +372,12 @@ class PlainOrDraft:
         # an idle gap (no requests for a while) is not a step
         if seconds > (self.max_step_s if usual is None else 5 * tokens / usual + 1e-3):
             return False
-        rates = self.rates.setdefault(b, {})
-        cur = rates.get(mode)
-        for m, v in rates.items():
-            if m == mode:
-                f = self.decay
-            else:  # the mode sitting out: its evidence ages, slower the further behind it is
-                ratio = max(cur[0] / max(v[0], 1e-9), 1.0) if cur is not None else 1.0
-                f = 1.0 - (1.0 - self.age) / ratio
-            v[2] *= f
-            v[3] *= f
-            v[4] *= f
-        if cur is None or cur[1] < self.min_observations:  # warm-up: the latest early cycle stands for it
-            rates[mode] = [tokens / seconds, 1.0 + (cur[1] if cur else 0.0), float(tokens), float(seconds), 1.0]
+        cur = self.rates.setdefault(b, {}).get(mode)
+        if cur is None or (cur[1] < self.min_observations and tokens / seconds > 4 * cur[0]):
+            self.rates[b][mode] = [tokens / seconds, 1.0, float(tokens), float(seconds)]
         else:
-            cur[2] += tokens
-            cur[3] += seconds
-            cur[4] += 1.0
+            cur[2] = self.decay * cur[2] + tokens
+            cur[3] = self.decay * cur[3] + seconds
             cur[1] += 1
             cur[0] = cur[2] / cur[3]
         return True
@@ -436,22 +411,19 @@ class AdaptiveController:
         self.requests = RequestFactors()
         self.modes = PlainOrDraft()
         self._last_end: float | None = None
-        self._cycle: tuple[float, int, int, bool | None] | None = None  # (start, requests, tokens to verify, drafter ran)
+        self._cycle: tuple[float, int, int] | None = None  # (start, requests, tokens sent to verify)
 
     def close_cycle(self, now: float, num_tokens: int, accepted: int) -> None:
         """At the start of a step: the previous step's cycle produced one token per request plus the
         drafts vLLM accepted. A cycle whose next step also prefilled new prompts is not counted."""
         if self._cycle is not None:
-            start, num_reqs, verify_tokens, drafted = self._cycle
-            if num_tokens <= verify_tokens and drafted is not None:
-                self.modes.observe(num_reqs, drafted, num_reqs + accepted, now - start)
+            start, num_reqs, verify_tokens = self._cycle
+            if num_tokens <= verify_tokens:
+                self.modes.observe(num_reqs, verify_tokens > num_reqs, num_reqs + accepted, now - start)
         self._cycle = None
 
-    def open_cycle(self, now: float, num_reqs: int, num_drafts: int, drafted: bool | None) -> None:
-        """A step cycle starts. ``drafted``: the drafter ran (a cycle whose cut then sent nothing is
-        still a drafting cycle: it paid for the block pass); False: a plain step; None: neither (the
-        speculative path without a block pass), not counted in either mode's rate."""
-        self._cycle = (now, num_reqs, num_reqs + num_drafts, drafted)
+    def open_cycle(self, now: float, num_reqs: int, num_drafts: int) -> None:
+        self._cycle = (now, num_reqs, num_reqs + num_drafts)
 
     def begin_step(self, now: float, num_tokens: int) -> None:
         if self._last_end is not None:
@@ -476,7 +448,7 @@ class AdaptiveController:
         self.close_cycle(now, num_tokens, 0)
         self.begin_step(now, num_tokens)
         self.end_step(now)
-        self.open_cycle(now, num_reqs, 0, drafted=False)
+        self.open_cycle(now, num_reqs, 0)
 
     def _draft_seconds(self, query_tokens) -> np.ndarray:
         if not self.draft_cost.known():

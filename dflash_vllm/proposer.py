@@ -208,7 +208,6 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self._steps += 1
             if self._steps % 500 == 0:
                 logger.debug("dflash-vllm adaptive: %s", ctl.describe())
-        t_open = t_begin  # this step's cycle starts here, or after a backfill (charged to plain steps)
 
         # KV injection for every target token of the step (below; also when no drafts are wanted).
         features = self._features(target_hidden_states)
@@ -224,10 +223,6 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         req_ids = self._batch_req_ids(num_reqs)
         if self._backlog is not None and req_ids is not None and self._backlog.pending():
             self._backfill(cad, req_ids)
-            if ctl is not None:  # the plain steps' deferred cost: charged to them, not to this cycle
-                now = self._now()
-                ctl.modes.charge(num_reqs, "plain", now - t_open)
-                t_open = now
         caps = None
         if req_ids is not None:
             accepted = self._learn_from_last_step(req_ids, cad, num_rejected_tokens_gpu)
@@ -257,9 +252,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self.model.write_context_kv(context, target_positions, slots)
             if ctl is not None:
                 ctl.end_step(self._now())
-                # the plain mode's step when it asked for one or when this is as plain as steps get
-                # here; a cost-model veto between drafting steps is neither mode's: not counted
-                ctl.open_cycle(t_open, num_reqs, 0, drafted=False if plain_by_mode or not self._plain_ok else None)
+                ctl.open_cycle(t_begin, num_reqs, 0)
             # plain steps from the next one on when the measured rates prefer them at this load (a
             # veto of the cost model is re-asked every step through the speculative path instead)
             self.plain = self._plain_ok and plain_by_mode
@@ -306,7 +299,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if n and ctl is not None:  # the calibration learns from these next step
                 self._sent[req_ids[i]] = (conf[j, :n], n)
         if ctl is not None:
-            ctl.open_cycle(t_open, num_reqs, int(np.sum(lengths)), drafted=True)
+            ctl.open_cycle(t_begin, num_reqs, int(np.sum(lengths)))
         return out
 
     def stay_plain(self, num_reqs: int, num_tokens: int, aux_hidden_states: list[torch.Tensor] | None = None,
