@@ -11,8 +11,9 @@ For context token ``c`` at position ``p`` with slot ``s`` (``s < 0``: padding, s
     k_cache[l][s // B, s % B] = k;  v_cache[l][s // B, s % B] = v
 
 ``context_kv_ref`` is the PyTorch reference (and the CPU path): a handful of kernels over every
-layer at once and [C, L, H, D] temporaries, then one indexed store per layer and cache. ``context_kv_triton`` does every layer in one launch, one program per (token, layer),
-reading the GEMM output once and writing the caches directly: no temporary beyond the GEMM output.
+layer at once and [C, L, H, D] temporaries, then one indexed store per layer and cache.
+``context_kv_triton`` does every layer in one launch, one program per (token, layer), reading the
+GEMM output once and writing the caches directly: no temporary beyond the GEMM output.
 Caches are given per layer as ``[num_blocks, B, H, D]`` views with any strides, the same for every
 layer (K and V may differ): FlashAttention's ``(blocks, heads, B, 2D)`` split into K and V, or the
 CPU backend's per-block transposed K. The kernel addresses layer ``l`` as an element offset from

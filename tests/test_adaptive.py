@@ -117,16 +117,14 @@ def test_a_rarely_seen_slow_bucket_does_not_raise_every_larger_step():
     c = m.cost([1.0, 2.0, 8.0])
     assert np.all(np.diff(c) >= 0), "still non-decreasing"
     assert c[2] < 5.4e-3 and c[1] < 5.4e-3, c
-    # one draft at a 50% chance now pays on that flat curve
-    assert choose_draft_lengths(np.array([[0.5, 0, 0, 0, 0, 0, 0]]), m.cost, draft_cost=1e-3)[0] == 1
-
+    # one draft at a 30% chance pays on that near-flat curve (priced at 7.1 ms it would not)
+    assert choose_draft_lengths(np.array([[0.3, 0, 0, 0, 0, 0, 0]]), m.cost, draft_cost=1e-3)[0] == 1
 
 
 def test_monotone_fit_pools_violators_by_weight():
     assert monotone_fit(np.array([1.0, 2.0, 3.0]), np.ones(3)).tolist() == [1.0, 2.0, 3.0]
     out = monotone_fit(np.array([1.0, 4.0, 2.0, 5.0]), np.array([1.0, 1.0, 3.0, 1.0]))
     assert out.tolist() == pytest.approx([1.0, 2.5, 2.5, 5.0])
-
 
 
 def test_calibrator_learns_what_vllm_accepts():
