@@ -44,8 +44,9 @@ from dflash_vllm.options import DFlashRequestError, parse_options, parse_request
 logger = init_logger("vllm.dflash_vllm.proposer")
 
 # Kernels that kernels="auto" runs in Triton on CUDA: only those measured faster than their PyTorch
-# reference at real shapes (kernels/benchmarks/README.md). None yet: no GPU run so far.
-TRITON_BY_DEFAULT: frozenset[str] = frozenset()
+# reference at real shapes (kernels/benchmarks/results_h100.csv, H100: block_inputs 7-9x, context_kv
+# 4-6x faster). draft_select is not: one program per row tile scans the whole vocabulary (~100x slower).
+TRITON_BY_DEFAULT: frozenset[str] = frozenset({"block_inputs", "context_kv"})
 
 # Debugging aid (and the cross-side convention test): save the target tokens, positions and drafter
 # features (target_layer_ids order) of the first DUMP_STEPS drafting steps to this path, as a list.
