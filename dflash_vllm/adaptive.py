@@ -403,7 +403,6 @@ class AdaptiveController:
         self.explore_every = explore_every
         self._drafting_steps = 0
         self._mode_checked = False  # wants_draft() already asked PlainOrDraft about this step
-        self.plain_by_mode = False  # the last select() found plain steps faster at this load (not a veto)
         self._vetoed: dict[int, int] = {}  # batch-size bucket -> consecutive vetoes
         self.step_cost = StepCostModel()
         self.draft_cost = StepCostModel()
@@ -467,8 +466,7 @@ class AdaptiveController:
         """Before the drafter runs: [R] bool, the requests whose drafts pay at this load."""
         caps = np.asarray(caps)
         checked, self._mode_checked = self._mode_checked, False
-        self.plain_by_mode = not checked and not self.modes.prefer_draft(len(req_ids))
-        if self.plain_by_mode:
+        if not checked and not self.modes.prefer_draft(len(req_ids)):
             self.requests.idle([rid for rid, c in zip(req_ids, caps, strict=True) if c > 0])
             return np.zeros(len(req_ids), dtype=bool)
         if not self.step_cost.known():

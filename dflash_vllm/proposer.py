@@ -104,6 +104,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self._sync = device.type == "cuda"
         self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
         self._sent: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (confidences, drafts sent)
+        self._preselected: tuple[list[str], np.ndarray] | None = None  # stay_plain's choice for propose
         self._profiling = False
         self._steps = 0
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
@@ -233,16 +234,17 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
         drafting = k > 0 and bool(caps_np.max(initial=0) > 0) and not self._profiling
         rows = None  # requests the block pass runs for; None: all of them
-        plain_by_mode = False  # the measured rates prefer plain steps at this load
+        declined = False  # the controller sends no draft this step (rates or cost model): plain steps follow
+        pre, self._preselected = self._preselected, None
         if drafting and ctl is not None:
-            sel = ctl.select(req_ids, caps_np, 1 + k)
-            plain_by_mode = ctl.plain_by_mode
+            # stay_plain may already have chosen for this very batch (the step after plain ones)
+            sel = pre[1] if pre is not None and pre[0] == req_ids else ctl.select(req_ids, caps_np, 1 + k)
             if self._tp_size > 1:  # ranks time their own steps: rank 0 decides for all (collectives)
                 from vllm.distributed import get_tp_group
 
-                sel, plain_by_mode = get_tp_group().broadcast_object((sel.tolist(), plain_by_mode), src=0)
-                sel = np.asarray(sel, dtype=bool)
+                sel = np.asarray(get_tp_group().broadcast_object(sel.tolist(), src=0), dtype=bool)
             drafting = bool(sel.any())
+            declined = not drafting
             if drafting and not sel.all():
                 rows = np.flatnonzero(sel)
         elif drafting and caps is not None and not (caps > 0).all():  # fixed lengths: skip disabled requests
@@ -254,9 +256,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if ctl is not None:
                 ctl.end_step(self._now())
                 ctl.open_cycle(t_begin, num_reqs, 0)
-            # plain steps from the next one on when the measured rates prefer them at this load (a
-            # veto of the cost model is re-asked every step through the speculative path instead)
-            self.plain = self._plain_ok and plain_by_mode
+            # plain steps from the next one on: each asks the controller again (stay_plain), so
+            # drafting resumes as soon as it pays, without a speculative step to find out
+            self.plain = self._plain_ok and declined
             if req_ids is None:
                 return torch.empty(num_reqs, 0, dtype=torch.int64, device=target_positions.device)
             return [[] for _ in range(num_reqs)]
@@ -310,7 +312,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         A step that stays plain only records its tokens' features (``ContextBacklog``): their
         context K/V is written when drafting resumes."""
         ctl = self.adaptive
-        draft = ctl is None or ctl.wants_draft(num_reqs)
+        draft = ctl is None or self._draft_after_plain(num_reqs)
         if self._tp_size > 1:  # rank 0 decides for all (the drafting step runs collectives)
             from vllm.distributed import get_tp_group
 
@@ -327,6 +329,22 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                         "does (re-measured now and then)", num_reqs)
         self.plain_steps += 1
         return True
+
+    def _draft_after_plain(self, num_reqs: int) -> bool:
+        """After a plain step: whether the next one drafts. The measured rates first (``wants_draft``),
+        then the cost model on this batch's requests, as ``propose`` would ask it; its choice is kept
+        for ``propose`` (same batch), so a veto costs no speculative step."""
+        ctl = self.adaptive
+        if not ctl.wants_draft(num_reqs):
+            return False
+        req_ids = self._batch_req_ids(num_reqs)
+        if req_ids is None:
+            return True
+        k = self.num_speculative_tokens
+        caps = self._request_caps(req_ids, k)
+        sel = ctl.select(req_ids, np.full(num_reqs, k, dtype=np.int64) if caps is None else caps, 1 + k)
+        self._preselected = (req_ids, sel) if sel.any() else None
+        return self._preselected is not None
 
     # -- helpers of the drafting step ----------------------------------------------------------
     def _backfill(self, cad: CommonAttentionMetadata, req_ids: list[str]) -> None:
