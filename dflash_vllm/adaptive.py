@@ -113,7 +113,9 @@ class StepCostModel:
         offset = self._offset()
         merged = {b: (n, max(s + offset, 1e-6), float(self.min_observations)) for b, (n, s) in self.profile.items()}
         for b, (n, s, c) in self.online.items():
-            if c >= self.min_observations or b not in merged:
+            # a lone sample is no point of the curve: it may be a stall, and a bucket the cut then
+            # avoids is never measured again to correct it (neighbours interpolate it meanwhile)
+            if c >= self.min_observations:
                 merged[b] = (n, s, min(c, self.max_weight))
         return sorted(merged.values())
 
@@ -392,7 +394,8 @@ class AdaptiveController:
     lengths once it ran, ``end_step`` closes the step.
     """
 
-    def __init__(self, max_drafts: int, warmup_drafts: int = 3, explore_every: int = 128):
+    def __init__(self, max_drafts: int, warmup_drafts: int = 3, explore_every: int = 128,
+                 full_every: int = 32, plain_after_veto: int = 8):
         self.max_drafts = max_drafts
         # The first block passes pay one-off costs (lazy initialisation, compiled-graph loading): their
         # times would make drafting look far dearer than it is, and no draft would ever be sent again
@@ -401,8 +404,18 @@ class AdaptiveController:
         # When the cost model keeps vetoing drafts at a batch size, one drafting step every
         # ``explore_every`` refreshes the drafter's measured cost (the veto rests on it).
         self.explore_every = explore_every
+        # One drafting step in ``full_every`` sends every draft the caps allow, whatever the cut
+        # says: the step costs of lengths the cut avoids are measured too (a bucket priced high by
+        # a few unlucky steps would otherwise never be seen again to correct it).
+        self.full_every = full_every
+        self._cuts = 0
         self._drafting_steps = 0
         self._mode_checked = False  # wants_draft() already asked PlainOrDraft about this step
+        # Whether the last select() chose plain decoding for the steps to come: at once when the
+        # measured rates prefer it, after ``plain_after_veto`` vetoes in a row from the cost model
+        # (a lone veto, from noise in the estimates, would cost a switch of mode and a backfill).
+        self.declined = False
+        self.plain_after_veto = plain_after_veto
         self._vetoed: dict[int, int] = {}  # batch-size bucket -> consecutive vetoes
         self.step_cost = StepCostModel()
         self.draft_cost = StepCostModel()
@@ -466,7 +479,8 @@ class AdaptiveController:
         """Before the drafter runs: [R] bool, the requests whose drafts pay at this load."""
         caps = np.asarray(caps)
         checked, self._mode_checked = self._mode_checked, False
-        if not checked and not self.modes.prefer_draft(len(req_ids)):
+        self.declined = not checked and not self.modes.prefer_draft(len(req_ids))
+        if self.declined:
             self.requests.idle([rid for rid, c in zip(req_ids, caps, strict=True) if c > 0])
             return np.zeros(len(req_ids), dtype=bool)
         if not self.step_cost.known():
@@ -485,6 +499,7 @@ class AdaptiveController:
             if self._vetoed[b] >= self.explore_every:  # re-measure what drafting costs here
                 self._vetoed[b] = 0
                 sel = caps > 0
+        self.declined = not sel.any() and self._vetoed.get(b, 0) >= self.plain_after_veto
         self.requests.idle([rid for rid, s, c in zip(req_ids, sel, caps, strict=True) if not s and c > 0])
         return sel
 
@@ -502,7 +517,8 @@ class AdaptiveController:
         (``draft_seconds``) is spent whatever is sent, but it is part of the step: a step that
         sends nothing still paid it, so the throughput each length gives counts it."""
         conf = np.asarray(conf, dtype=np.float64)
-        if not self.step_cost.known():
+        self._cuts += 1
+        if not self.step_cost.known() or (self.full_every and self._cuts % self.full_every == 0):
             return np.minimum(np.asarray(caps), conf.shape[1])
         return choose_draft_lengths(self.calibrator.estimate(conf), self.step_cost.cost, caps=caps,
                                     draft_cost=draft_seconds)

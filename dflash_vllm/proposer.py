@@ -208,7 +208,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             t_begin = self._now()
             ctl.begin_step(t_begin, cad.num_actual_tokens)
             self._steps += 1
-            if self._steps % 500 == 0:
+            if self._steps % int(os.environ.get("DFLASH_DESCRIBE_EVERY", 500)) == 0:
                 logger.debug("dflash-vllm adaptive: %s", ctl.describe())
 
         # KV injection for every target token of the step (below; also when no drafts are wanted).
@@ -234,17 +234,19 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
         drafting = k > 0 and bool(caps_np.max(initial=0) > 0) and not self._profiling
         rows = None  # requests the block pass runs for; None: all of them
-        declined = False  # the controller sends no draft this step (rates or cost model): plain steps follow
+        declined = False  # the controller chose plain decoding for the steps to come (ctl.declined)
         pre, self._preselected = self._preselected, None
         if drafting and ctl is not None:
             # stay_plain may already have chosen for this very batch (the step after plain ones)
             sel = pre[1] if pre is not None and pre[0] == req_ids else ctl.select(req_ids, caps_np, 1 + k)
+            declined = pre is None and ctl.declined
             if self._tp_size > 1:  # ranks time their own steps: rank 0 decides for all (collectives)
                 from vllm.distributed import get_tp_group
 
-                sel = np.asarray(get_tp_group().broadcast_object(sel.tolist(), src=0), dtype=bool)
+                sel, declined = get_tp_group().broadcast_object((sel.tolist(), declined), src=0)
+                sel = np.asarray(sel, dtype=bool)
             drafting = bool(sel.any())
-            declined = not drafting
+            declined = declined and not drafting
             if drafting and not sel.all():
                 rows = np.flatnonzero(sel)
         elif drafting and caps is not None and not (caps > 0).all():  # fixed lengths: skip disabled requests
@@ -328,6 +330,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             logger.info("dflash-vllm: drafting does not pay at %d requests: plain decoding steps until it "
                         "does (re-measured now and then)", num_reqs)
         self.plain_steps += 1
+        if self.plain_steps % int(os.environ.get("DFLASH_DESCRIBE_EVERY", 500)) == 0:
+            logger.debug("dflash-vllm adaptive (plain): %s", ctl.describe())
         return True
 
     def _draft_after_plain(self, num_reqs: int) -> bool:
