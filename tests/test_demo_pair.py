@@ -71,7 +71,14 @@ def test_adaptive_lossless_with_variable_lengths(demo):
     per_req = run["request_spec"]
     assert per_req[0] is None or per_req[0]["num_draft_tokens"] == 0, per_req[0]
     assert sum(m["num_draft_tokens"] for m in per_req[1:]) > 0
-    assert run["spec"]["acceptance_length"] > 2.0
+    # How many drafts pay depends on this machine's step costs (at 11 requests on a CPU most steps
+    # run plain and drafts are cut to 1-3), so tau is no measure here. What the cut must do on any
+    # machine: drop the block's unlikely tail, so the drafts it sends are accepted at a higher rate
+    # than full blocks are (a miscalibrated or reversed confidence fails this).
+    rate = run["spec"]["num_accepted_tokens"] / run["spec"]["num_draft_tokens"]
+    full = demo["plugin"]["spec"]
+    full_rate = full["num_accepted_tokens"] / full["num_draft_tokens"]
+    assert rate > full_rate, f"adaptive drafts accepted at {rate:.2f}, full blocks at {full_rate:.2f}"
 
 
 def test_demo_command_is_lossless_and_drafts(capsys):
