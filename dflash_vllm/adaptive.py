@@ -395,7 +395,7 @@ class AdaptiveController:
     """
 
     def __init__(self, max_drafts: int, warmup_drafts: int = 3, explore_every: int = 128,
-                 full_every: int = 32, plain_after_veto: int = 8):
+                 full_every: int = 32, plain_after_veto: int = 8, reselect_every: int = 8):
         self.max_drafts = max_drafts
         # The first block passes pay one-off costs (lazy initialisation, compiled-graph loading): their
         # times would make drafting look far dearer than it is, and no draft would ever be sent again
@@ -417,6 +417,10 @@ class AdaptiveController:
         self.declined = False
         self.plain_after_veto = plain_after_veto
         self._vetoed: dict[int, int] = {}  # batch-size bucket -> consecutive vetoes
+        # A batch whose every request the cost model chose keeps that choice for ``reselect_every``
+        # steps (the rule's inputs move slowly; at one request it cost ~3% of a CPU step).
+        self.reselect_every = reselect_every
+        self._kept: tuple[tuple, int] | None = None  # (batch key, steps it is still kept for)
         self.step_cost = StepCostModel()
         self.draft_cost = StepCostModel()
         self.calibrator = AcceptanceCalibrator(max_drafts)
@@ -485,6 +489,11 @@ class AdaptiveController:
             return np.zeros(len(req_ids), dtype=bool)
         if not self.step_cost.known():
             return caps > 0  # nothing measured yet: draft, and learn
+        key = (tuple(req_ids), caps.tobytes())
+        if self._kept is not None and self._kept[0] == key and self._kept[1] > 0:
+            self._kept = (key, self._kept[1] - 1)
+            return caps > 0
+        self._kept = None
         self.requests.prune(req_ids)
         k = self.max_drafts
         curve = np.cumprod(self.calibrator.position_rates(k))
@@ -494,6 +503,8 @@ class AdaptiveController:
         b = PlainOrDraft.bucket(len(req_ids))
         if sel.any():
             self._vetoed[b] = 0
+            if self.reselect_every > 1 and np.array_equal(sel, caps > 0):
+                self._kept = (key, self.reselect_every - 1)
         elif caps.any():
             self._vetoed[b] = self._vetoed.get(b, 0) + 1
             if self._vetoed[b] >= self.explore_every:  # re-measure what drafting costs here

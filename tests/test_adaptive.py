@@ -183,6 +183,21 @@ def test_controller_stops_and_resumes_with_load():
     assert ctl.select(ids[:1], full[:1], 8).all(), "the load dropped: speculation resumes"
 
 
+def test_a_batch_drafting_in_full_keeps_its_choice_for_a_few_steps():
+    """select() re-runs the cost model every ``reselect_every`` steps for an unchanged batch whose
+    every request it chose; a new batch is decided at once."""
+    ctl = AdaptiveController(max_drafts=7, reselect_every=4)
+    ctl.step_cost.set_profile({1: 5e-3, 8: 5.5e-3})
+    for _ in range(ctl.warmup_drafts + 2):
+        ctl.end_step(0.0, 1, 8, 1e-4)  # a cheap drafter: drafting pays
+    one = np.full(1, 7)
+    assert ctl.select(["a"], one, 8).all()
+    ctl.step_cost.set_profile({1: 5e-3, 8: 0.5})  # verifying drafts now costs 100x a plain step
+    picks = [bool(ctl.select(["a"], one, 8).any()) for _ in range(4)]
+    assert picks == [True, True, True, False], "kept for 3 more steps, then re-decided"
+    assert ctl.select(["a"], np.zeros(1, dtype=np.int64), 8).sum() == 0, "new caps: decided at once"
+
+
 def test_controller_leaves_out_the_request_the_drafter_cannot_predict():
     ctl = AdaptiveController(max_drafts=7)
     ctl.step_cost.set_profile({1: 5e-3, 4: 5.2e-3, 32: 6e-3})
