@@ -38,7 +38,7 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from dflash_vllm.bench.report import print_table, write_json, write_plot
-    from dflash_vllm.bench.runner import MODES, BenchConfig, run_bench
+    from dflash_vllm.bench.runner import EXTRA_MODES, MODES, BenchConfig, run_bench
     from dflash_vllm.demo import shipped_pair
     from dflash_vllm.training.data import read_prompts
 
@@ -56,9 +56,9 @@ def _bench(args) -> int:
 
     prompts = read_prompts(prompts_file, AutoTokenizer.from_pretrained(target))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES + EXTRA_MODES]
     if bad:
-        print(f"dflash-vllm bench: unknown modes {bad}; choose from {list(MODES)}", file=sys.stderr)
+        print(f"dflash-vllm bench: unknown modes {bad}; choose from {list(MODES + EXTRA_MODES)}", file=sys.stderr)
         return 2
     cfg = BenchConfig(target=target, drafter=drafter, prompts=prompts, modes=modes,
                       concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps, waves=args.waves,
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--drafter")
     bench.add_argument("--prompts", help="jsonl of {\"prompt\"} or {\"messages\"} (default: demo held-out prompts)")
     bench.add_argument("--modes", default="baseline,builtin,plugin-fixed,plugin",
-                       help="plugin-fixed: adaptive draft length off; plugin: the default (adaptive)")
+                       help="plugin-fixed: adaptive draft length off; plugin: the default (adaptive); on request, "
+                            "baseline-sync: plain decoding on vLLM's synchronous scheduler (the one adaptive runs on)")
     bench.add_argument("--concurrency", default="1,4,16,64")
     bench.add_argument("--reps", type=int, default=5)
     bench.add_argument("--waves", type=int, default=4,

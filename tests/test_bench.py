@@ -78,3 +78,14 @@ def test_summary_pools_repetitions():
     assert s["tau"] == 1 + 19 / 40 and s["tokens_per_s"] == 20.0
     assert s["per_position_acceptance"] == [16 / 40, 3 / 40]
     assert s["acceptance_histogram"] == [24, 13, 3]
+
+
+def test_baseline_sync_is_plain_decoding_on_the_synchronous_scheduler(tmp_path):
+    from dflash_vllm.bench.runner import BenchConfig, engine_spec
+
+    (tmp_path / "config.json").write_text('{"block_size": 8}')
+    cfg = BenchConfig(target="t", drafter=str(tmp_path), prompts=["p"], concurrency=[1])
+    sync, base, plugin = (engine_spec(cfg, m)["engine"] for m in ("baseline-sync", "baseline", "plugin"))
+    assert sync["async_scheduling"] is False and "speculative_config" not in sync
+    assert "async_scheduling" not in base and "async_scheduling" not in plugin
+    assert plugin["speculative_config"]["num_speculative_tokens"] == 7

@@ -30,9 +30,13 @@ from dflash_vllm.bench.engine_job import EngineJobError, EngineServer
 from dflash_vllm.bench.stats import job_figures, pairwise_ratios, summarize_mode
 
 MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
+# On request only: plain decoding on vLLM's synchronous scheduler, the one adaptive mode runs on
+# (variable draft lengths need it), to tell the scheduler's share of a gap from the proposer's.
+EXTRA_MODES = ("baseline-sync",)
 IDLE_GAP_S = 1.5  # pause between jobs: the engine that just ran stops spinning before the next starts
 RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
-          ("plugin-fixed", "builtin"), ("builtin", "baseline"))
+          ("plugin-fixed", "builtin"), ("builtin", "baseline"), ("baseline-sync", "baseline"),
+          ("plugin", "baseline-sync"))
 
 
 @dataclass
@@ -85,17 +89,20 @@ def machine_info() -> dict:
 
 def engine_spec(cfg: BenchConfig, mode: str) -> dict:
     k = cfg.num_speculative_tokens
-    if mode != "baseline" and not (Path(cfg.drafter) / "config.json").is_file():
+    speculative = not mode.startswith("baseline")
+    if speculative and not (Path(cfg.drafter) / "config.json").is_file():
         raise ValueError(f"mode {mode}: drafter {cfg.drafter!r} has no config.json; pass --drafter DIR "
                          "(a DFlash drafter in the z-lab layout)")
-    if k is None and mode != "baseline":
+    if k is None and speculative:
         k = json.loads((Path(cfg.drafter) / "config.json").read_text()).get("block_size", 16) - 1
     engine = {"model": cfg.target, "dtype": "float32", "max_model_len": cfg.max_model_len, "seed": 0,
               "kv_cache_memory_bytes": cfg.kv_cache_bytes, "disable_log_stats": False,
               "max_num_seqs": max(cfg.concurrency), **cfg.extra_engine_args}
     if not cfg.compile:
         engine["compilation_config"] = {"mode": 0}
-    if mode != "baseline":
+    if mode == "baseline-sync":
+        engine["async_scheduling"] = False
+    if speculative:
         engine["speculative_config"] = {"method": "dflash", "model": cfg.drafter, "num_speculative_tokens": k}
     if mode == "plugin-fixed":
         extra = dict(engine.get("additional_config") or {})
