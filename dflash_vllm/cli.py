@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", help="jsonl of {\"prompt\"} or {\"messages\"} (default: demo held-out prompts)")
     bench.add_argument("--modes", default="baseline,builtin,plugin-fixed,plugin",
                        help="plugin-fixed: adaptive draft length off; plugin: the default (adaptive); on request, "
-                            "baseline-sync: plain decoding on vLLM's synchronous scheduler (the one adaptive runs on)")
+                            "baseline-sync: plain decoding on vLLM's synchronous scheduler (the one adaptive runs on; "
+                            "on CPU the same engine as baseline)")
     bench.add_argument("--concurrency", default="1,4,16,64")
     bench.add_argument("--reps", type=int, default=5)
     bench.add_argument("--waves", type=int, default=4,

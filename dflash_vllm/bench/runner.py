@@ -31,7 +31,9 @@ from dflash_vllm.bench.stats import job_figures, pairwise_ratios, summarize_mode
 
 MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
 # On request only: plain decoding on vLLM's synchronous scheduler, the one adaptive mode runs on
-# (variable draft lengths need it), to tell the scheduler's share of a gap from the proposer's.
+# (variable draft lengths need it): on a GPU it tells the scheduler's share of a gap from the
+# proposer's; on CPU, where vLLM always schedules synchronously, it is baseline again (an A/A check
+# of the bench's noise).
 EXTRA_MODES = ("baseline-sync",)
 IDLE_GAP_S = 1.5  # pause between jobs: the engine that just ran stops spinning before the next starts
 RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
