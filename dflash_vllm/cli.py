@@ -38,7 +38,7 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from dflash_vllm.bench.report import print_table, write_json, write_plot
-    from dflash_vllm.bench.runner import EXTRA_MODES, MODES, BenchConfig, run_bench
+    from dflash_vllm.bench.runner import ALL_MODES, BenchConfig, run_bench
     from dflash_vllm.demo import shipped_pair
     from dflash_vllm.training.data import read_prompts
 
@@ -56,9 +56,9 @@ def _bench(args) -> int:
 
     prompts = read_prompts(prompts_file, AutoTokenizer.from_pretrained(target))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES + EXTRA_MODES]
+    bad = [m for m in modes if m not in ALL_MODES]
     if bad:
-        print(f"dflash-vllm bench: unknown modes {bad}; choose from {list(MODES + EXTRA_MODES)}", file=sys.stderr)
+        print(f"dflash-vllm bench: unknown modes {bad}; choose from {list(ALL_MODES)}", file=sys.stderr)
         return 2
     cfg = BenchConfig(target=target, drafter=drafter, prompts=prompts, modes=modes,
                       concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps, waves=args.waves,

@@ -35,6 +35,7 @@ MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
 # proposer's; on CPU, where vLLM always schedules synchronously, it is baseline again (an A/A check
 # of the bench's noise).
 EXTRA_MODES = ("baseline-sync",)
+ALL_MODES = MODES + EXTRA_MODES
 IDLE_GAP_S = 1.5  # pause between jobs: the engine that just ran stops spinning before the next starts
 RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
           ("plugin-fixed", "builtin"), ("builtin", "baseline"), ("baseline-sync", "baseline"),
