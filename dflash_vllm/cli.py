@@ -64,11 +64,12 @@ def _bench(args) -> int:
                       concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps, waves=args.waves,
                       temperature=args.temperature, max_tokens=args.max_tokens,
                       num_speculative_tokens=args.num_speculative_tokens, compile=not args.no_compile,
-                      kv_cache_bytes=args.kv_cache_mib << 20)
+                      kv_cache_bytes=args.kv_cache_mib << 20, engines=args.engines)
     from rich.progress import Progress
 
+    starts = len(modes) * (cfg.reps if cfg.engines == "restart" else 1)
     with Progress() as progress:  # one unit per engine start and per run
-        task = progress.add_task("bench", total=len(modes) * (1 + len(cfg.concurrency) * cfg.reps))
+        task = progress.add_task("bench", total=starts + len(modes) * len(cfg.concurrency) * cfg.reps)
         done = []
 
         def step(what):
@@ -135,8 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--num-speculative-tokens", type=int, default=None, help="default: block_size - 1")
     bench.add_argument("--no-compile", action="store_true", help="eager engines (faster start, for smoke runs)")
+    bench.add_argument("--engines", choices=("restart", "shared"), default="restart",
+                       help="restart (default): each repetition starts every mode's engine afresh, one engine up "
+                            "at a time, order rotating (one engine instance can run ~20%% faster or slower than "
+                            "another of the same mode); shared: one engine per mode for the whole run, the modes "
+                            "taking turns (faster where an engine start costs minutes)")
     bench.add_argument("--kv-cache-mib", type=int, default=1024,
-                       help="KV cache of each engine (all modes' engines are up at once: they take turns)")
+                       help="KV cache of each engine (with --engines shared all modes' engines are up at once)")
     bench.add_argument("--json", help="write every raw figure and machine info here")
     bench.add_argument("--plot", help="write tokens/s and per-position acceptance plots here (PNG)")
     bench.add_argument("--log-dir", help="keep each engine's log here")

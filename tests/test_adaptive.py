@@ -232,6 +232,31 @@ def test_measured_rates_pick_the_faster_mode_and_keep_checking():
     assert not m.observe(16, True, tokens=1, seconds=30.0), "an idle gap is not a step"
 
 
+def test_retrying_the_slower_mode_costs_about_the_exploration_budget():
+    """Plain cycles: 16 tokens in 10 ms (1600 tokens/s); drafting cycles, as under load: 40 tokens
+    in 40 ms (1000 tokens/s). Time lost to retried drafting, against plain decoding throughout,
+    stays near the 1% budget; a near tie is re-checked far more often."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    m = PlainOrDraft(explore_budget=0.01)
+    cycles = {True: (40.0, 0.04), False: (16.0, 0.01)}
+    elapsed = lost = 0.0
+    tries = 0
+    for _ in range(5000):
+        d = m.prefer_draft(16)
+        tokens, seconds = cycles[d]
+        m.observe(16, d, tokens=tokens, seconds=seconds)
+        elapsed += seconds
+        if d:
+            tries += 1
+            lost += seconds - tokens / 1600.0
+    assert 0.005 < lost / elapsed < 0.015 and tries > 20, (lost / elapsed, tries)
+    known = m._known(m.bucket(16))
+    assert m.explore_interval(known["draft"], known["plain"]) == 150
+    tie = [1550.0, 9, 62.0, 0.04, 1.0]  # 1550 tokens/s drafting against 1600 plain
+    assert m.explore_interval(tie, known["plain"]) <= 15
+
+
 def test_first_block_passes_do_not_price_drafting_out():
     """A first block pass that costs 20x the usual (lazy initialisation) must not stop drafting
     for good: warm-up passes are not counted, and a bucket's early outlier is replaced."""

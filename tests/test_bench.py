@@ -15,6 +15,27 @@ def test_pairwise_ratios_cancel_drift():
     assert r2["per_rep"] == [1.0, 3.0, 0.5] and r2["median"] == 1.0
 
 
+def test_run_plan_restart_gives_each_repetition_fresh_engines_in_rotating_order():
+    from dflash_vllm.bench.runner import run_plan
+
+    plan = run_plan(["a", "b", "c"], [1, 4], 3, "restart")
+    assert plan[:3] == [("a", ["c1_r0", "c4_r0"]), ("b", ["c1_r0", "c4_r0"]), ("c", ["c1_r0", "c4_r0"])]
+    assert [m for m, _ in plan[3:6]] == ["b", "c", "a"] and [m for m, _ in plan[6:]] == ["c", "a", "b"]
+    assert all(jobs == ["c1_r1", "c4_r1"] for _, jobs in plan[3:6])
+    # every mode starts first, second and last once: no mode always runs on a later-started engine
+    assert sorted(m for m, _ in plan[::3]) == ["a", "b", "c"]
+
+
+def test_run_plan_shared_interleaves_modes_per_job():
+    from dflash_vllm.bench.runner import run_plan
+
+    plan = run_plan(["a", "b"], [1, 4], 2, "shared")
+    assert plan == [("a", ["c1_r0"]), ("b", ["c1_r0"]), ("b", ["c1_r1"]), ("a", ["c1_r1"]),
+                    ("a", ["c4_r0"]), ("b", ["c4_r0"]), ("b", ["c4_r1"]), ("a", ["c4_r1"])]
+    with pytest.raises(ValueError, match="engines='both'"):
+        run_plan(["a"], [1], 1, "both")
+
+
 def test_acceptance_histogram_from_prefix_counts():
     # 10 drafts, K=3: 6 accepted position 1, 3 of those position 2, 1 all three
     assert acceptance_histogram(10, [6, 3, 1]) == [4, 3, 2, 1]
@@ -45,12 +66,15 @@ def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
     assert set(res["ratios"]) >= {"plugin/baseline", "plugin/builtin", "plugin/plugin-fixed"}
     assert len(res["ratios"]["plugin/baseline"]["2"]["per_rep"]) == 2
     assert {"cpu", "vllm", "torch", "commit"} <= set(res["machine"])
-    # interleaved: every mode runs c1_r0 before any runs c1_r1, and the mode going first rotates
+    # engines restarted per repetition (the default): each mode's engine runs all of one repetition's
+    # jobs, then the next mode's; every mode once per repetition, the mode going first rotating
     order = res["order"]
     assert len(order) == 4 * 2 * 2
-    for i in range(0, len(order), 4):
-        assert len({name for name, _ in order[i:i + 4]}) == 1 and len({m for _, m in order[i:i + 4]}) == 4
-    assert order[0][1] != order[4][1]
+    sessions = [order[i:i + 2] for i in range(0, len(order), 2)]
+    assert all(a[1] == b[1] and (a[0], b[0]) in {("c1_r0", "c2_r0"), ("c1_r1", "c2_r1")} for a, b in sessions)
+    assert [len({s[0][1] for s in sessions[i:i + 4]}) for i in (0, 4)] == [4, 4]
+    assert sessions[0][0][1] != sessions[4][0][1]
+    assert all(m["engine_starts"] == 2 and m["engine_start_s"] > 0 for m in res["modes"].values())
     with Image.open(out_png) as img:
         assert img.size[0] > 400
 

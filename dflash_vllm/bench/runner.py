@@ -2,12 +2,26 @@
 plugin with fixed-length drafts (``plugin-fixed``) and with adaptive draft length (``plugin``, the
 default) on the same prompts and sampling, each mode in its own engine process.
 
-Every mode's engine starts once and stays up; its warm-up runs, then per concurrency ``c`` and
-repetition the modes take turns (interleaved, the order rotating), each with a closed-loop run:
-``n = max(min_requests, waves * c)`` requests with ``c`` in flight at every moment (a finished
-request is replaced by the next), as a server at concurrency ``c`` runs them. Repetition ``r`` takes
-prompts ``r*n .. r*n+n-1``, cycling, the same ones in every mode. Ratios between modes are taken per
-repetition pair, then their median.
+Per concurrency ``c`` and repetition, each mode runs a closed loop: ``n = max(min_requests, waves * c)``
+requests with ``c`` in flight at every moment (a finished request is replaced by the next), as a
+server at concurrency ``c`` runs them. Repetition ``r`` takes prompts ``r*n .. r*n+n-1``, cycling,
+the same ones in every mode. Ratios between modes are taken per repetition pair, then their median.
+
+Engines (``engines``):
+
+- ``restart`` (default): every repetition starts each mode's engine afresh, one engine alive at a
+  time, the modes' order rotating from one repetition to the next. On the 2-core CPU machine this
+  bench was built on, one engine instance runs up to ~20% faster or slower than another of the same
+  mode for its whole life, and with all engines up at once an engine started later ran ~5% slower:
+  a single instance per mode makes the comparison one draw of that lottery. Fresh instances per
+  repetition make it ``reps`` draws, and the rotation spreads start order evenly.
+- ``shared``: each mode's engine starts once and stays up; the modes take turns per repetition (the
+  order rotating). Faster where an engine start costs minutes (CUDA graph capture), at the price
+  above.
+
+Every engine first runs a warm-up: a short closed loop at each concurrency (compiled shapes, and
+the adaptive controller's first measurements at each batch size, as a server that has been up a
+while has them).
 
 Why closed loop: a batch of ``c`` requests submitted at once and timed until the last one finishes
 measures the slowest request, not the engine. With speculation, requests finish at different
@@ -20,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -36,6 +51,7 @@ MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
 # of the bench's noise).
 EXTRA_MODES = ("baseline-sync",)
 ALL_MODES = MODES + EXTRA_MODES
+ENGINES = ("restart", "shared")
 IDLE_GAP_S = 1.5  # pause between jobs: the engine that just ran stops spinning before the next starts
 RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
           ("plugin-fixed", "builtin"), ("builtin", "baseline"), ("baseline-sync", "baseline"),
@@ -55,6 +71,8 @@ class BenchConfig:
     waves: int = 4  # requests per concurrency slot in one repetition
     min_requests: int = 16
     num_speculative_tokens: int | None = None
+    engines: str = "restart"  # or "shared" (see the module docstring)
+    warmup_tokens: int = 32  # max_tokens of the warm-up loops
     compile: bool = True  # vLLM's default compilation, as users run it
     max_model_len: int = 1024
     kv_cache_bytes: int = 1 << 30
@@ -112,8 +130,9 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
         extra["dflash"] = {**extra.get("dflash", {}), "adaptive": False}
         engine["additional_config"] = extra
     sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "ignore_eos": True, "seed": 0}
-    jobs = [{"name": "warmup", "prompts": cfg.prompts[: min(4, len(cfg.prompts))],
-             "sampling": {**sampling, "max_tokens": 16}}]
+    jobs = [{"name": f"warmup_c{c}", "concurrency": c, "sampling": {**sampling, "max_tokens": cfg.warmup_tokens},
+             "prompts": [cfg.prompts[-1 - i % len(cfg.prompts)] for i in range(max(4, 2 * c))]}
+            for c in cfg.concurrency]
     for c in cfg.concurrency:
         n = max(cfg.min_requests, cfg.waves * c)
         for r in range(cfg.reps):
@@ -123,58 +142,96 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
     return {"engine": engine, "jobs": jobs, "env": env}
 
 
+def run_plan(modes: list[str], concurrency: list[int], reps: int, engines: str) -> list[tuple[str, list[str]]]:
+    """The order of a bench run: ``(mode, job names)`` per engine session, in run order. ``restart``:
+    one session per (repetition, mode), the modes' order rotating per repetition. ``shared``: one
+    entry per (job, mode), the mode's engine kept up between its entries; per job the order rotates."""
+    if engines not in ENGINES:
+        raise ValueError(f"engines={engines!r}: choose from {list(ENGINES)}")
+    names = [[f"c{c}_r{r}" for c in concurrency] for r in range(reps)]
+    if engines == "restart":
+        return [(m, names[r]) for r in range(reps) for m in _rotated(modes, r)]
+    flat = [n for c in concurrency for n in (f"c{c}_r{r}" for r in range(reps))]
+    return [(m, [n]) for i, n in enumerate(flat) for m in _rotated(modes, i)]
+
+
+def _rotated(items: list[str], i: int) -> list[str]:
+    if not items:
+        return []
+    i %= len(items)
+    return items[i:] + items[:i]
+
+
 def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None) -> dict:
-    """Run every mode, interleaved: each mode's engine starts once (in its own process) and stays up,
-    then every (concurrency, repetition) runs on each engine in turn, the order rotating from one
-    repetition to the next. Slow drift of the machine (other tenants, clocks) then hits every mode
-    alike instead of whichever mode ran during it. A mode that fails to start or dies is recorded
-    under ``errors`` and the others still run."""
+    """Run every mode as ``run_plan`` orders it (see the module docstring). A mode that fails to
+    start or dies is recorded under ``errors``, left out of the rest of the run, and the others
+    still run."""
     results: dict = {"machine": machine_info(), "config": {**asdict(cfg), "prompts": len(cfg.prompts)},
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "modes": {}, "ratios": {}, "errors": {},
                      "order": []}  # (run, mode) in the order they ran
     log_root = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="dflash-bench-"))
     log_root.mkdir(parents=True, exist_ok=True)
-    servers: dict[str, EngineServer] = {}
-    jobs: dict[str, dict[str, dict]] = {}
     specs: dict[str, dict] = {}
+    for mode in cfg.modes:
+        try:
+            specs[mode] = engine_spec(cfg, mode)
+        except ValueError as err:
+            results["errors"][mode] = str(err)
+    jobs: dict[str, dict[str, dict]] = {m: {} for m in specs}
+    starts: dict[str, list[float]] = {m: [] for m in specs}
+    servers: dict[str, EngineServer] = {}
+    starts_made: dict[str, int] = {}
+
+    def start(mode: str) -> EngineServer:
+        starts_made[mode] = starts_made.get(mode, 0) + 1
+        if progress:
+            progress(f"start {mode}")
+        spec = specs[mode]
+        log = log_root / (f"bench-{mode}.log" if cfg.engines == "shared" else f"bench-{mode}-{starts_made[mode]}.log")
+        server = EngineServer({k: v for k, v in spec.items() if k != "jobs"}, log_path=log)
+        try:
+            for job in spec["jobs"]:
+                if job["name"].startswith("warmup"):
+                    server.run(job)
+        except BaseException:
+            server.close()
+            raise
+        starts[mode].append(server.engine_start_s)
+        return server
+
+    plan = run_plan(list(specs), cfg.concurrency, cfg.reps, cfg.engines)
     try:
-        for mode in cfg.modes:
-            if progress:
-                progress(f"start {mode}")
+        for mode, names in plan:
+            if mode in results["errors"]:
+                continue
             try:
-                specs[mode] = engine_spec(cfg, mode)
-                servers[mode] = EngineServer({k: v for k, v in specs[mode].items() if k != "jobs"},
-                                             log_path=log_root / f"bench-{mode}.log")
-                servers[mode].run(specs[mode]["jobs"][0])  # warm-up
-                jobs[mode] = {}
-            except (EngineJobError, OSError, ValueError) as err:
-                results["errors"][mode] = str(err)[-3000:]
-                servers.pop(mode, None)
-        names = [j["name"] for j in next(iter(specs.values()))["jobs"][1:]] if specs else []
-        for i, name in enumerate(names):
-            live = [m for m in cfg.modes if m in servers]
-            order = live[i % len(live):] + live[: i % len(live)] if live else []
-            for mode in order:
-                if progress:
-                    progress(f"{name} {mode}")
-                job = next(j for j in specs[mode]["jobs"] if j["name"] == name)
-                try:
-                    jobs[mode][name] = servers[mode].run(job)
+                server = servers.get(mode) or start(mode)
+                servers[mode] = server
+                for name in names:
+                    if progress:
+                        progress(f"{name} {mode}")
+                    job = next(j for j in specs[mode]["jobs"] if j["name"] == name)
+                    jobs[mode][name] = server.run(job)
                     results["order"].append([name, mode])
-                except (EngineJobError, OSError) as err:
-                    results["errors"][mode] = str(err)[-3000:]
-                    servers.pop(mode).close()
-                time.sleep(IDLE_GAP_S)  # the engine just used goes idle (vLLM's workers spin ~1 s)
+                    time.sleep(IDLE_GAP_S)  # the engine just used goes idle (vLLM's workers spin ~1 s)
+            except (EngineJobError, OSError) as err:
+                results["errors"][mode] = str(err)[-3000:]
+            if cfg.engines == "restart" or mode in results["errors"]:
+                server = servers.pop(mode, None)
+                if server is not None:
+                    server.close()
     finally:
         for server in servers.values():
             server.close()
-    for mode in cfg.modes:
-        if mode in results["errors"] or mode not in jobs:
+    for mode in specs:
+        if mode in results["errors"]:
             continue
-        start = servers[mode].engine_start_s if mode in servers else None
-        results["modes"][mode] = {"engine_start_s": start, "by_concurrency": {
-            str(c): summarize_mode([job_figures(jobs[mode][f"c{c}_r{r}"], c) for r in range(cfg.reps)])
-            for c in cfg.concurrency}}
+        results["modes"][mode] = {
+            "engine_start_s": statistics.median(starts[mode]) if starts[mode] else None,
+            "engine_starts": len(starts[mode]),
+            "by_concurrency": {
+                str(c): summarize_mode([job_figures(jobs[mode][f"c{c}_r{r}"], c) for r in range(cfg.reps)])
+                for c in cfg.concurrency}}
     for num, den in RATIOS:
         if num in results["modes"] and den in results["modes"]:
             results["ratios"][f"{num}/{den}"] = {
