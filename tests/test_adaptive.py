@@ -257,6 +257,27 @@ def test_retrying_the_slower_mode_costs_about_the_exploration_budget():
     assert m.explore_interval(tie, known["plain"]) <= 15
 
 
+def test_drafting_misjudged_on_its_first_cycles_wins_back_soon():
+    """One request: plain cycles give 1 token in 4 ms (250 tokens/s); drafting gives 4 tokens in
+    12 ms (333 tokens/s), but its first three cycles paid one-off costs (1 token in 15 ms each), so
+    on its first cycles it looks slower than plain decoding. Drafting must win back within a few
+    hundred steps, not wait for the ~1% budget's interval."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    m = PlainOrDraft()
+    drafts, choices = 0, []
+    for _ in range(600):
+        d = m.prefer_draft(1)
+        choices.append(d)
+        if d:
+            drafts += 1
+            m.observe(1, True, tokens=1.0 if drafts <= 3 else 4.0, seconds=0.015 if drafts <= 3 else 0.012)
+        else:
+            m.observe(1, False, tokens=1.0, seconds=0.004)
+    assert not all(choices[:60]), "the first cycles do make plain decoding look better"
+    assert sum(choices[300:]) / 300 > 0.85  # plain retried every ~9 drafting cycles: ~1% of the time lost
+
+
 def test_first_block_passes_do_not_price_drafting_out():
     """A first block pass that costs 20x the usual (lazy initialisation) must not stop drafting
     for good: warm-up passes are not counted, and a bucket's early outlier is replaced."""
@@ -352,7 +373,7 @@ def test_plain_steps_follow_a_run_of_vetoes_or_the_measured_rates_at_once():
         declined.append(ctl.declined)
     assert declined == [False, False, True, True], "a lone veto is noise; a run of them means plain steps"
     assert ctl.select(ids[:1], full[:1], 8).all() and not ctl.declined
-    for _ in range(3):  # the measured rates say plain decoding beats drafting at 16 requests
+    for _ in range(ctl.modes.min_observations):  # the measured rates: plain beats drafting at 16 requests
         ctl.modes.observe(16, True, 16, 0.02)
         ctl.modes.observe(16, False, 16, 0.01)
     assert not ctl.select(ids[:16], full[:16], 8).any() and ctl.declined
