@@ -91,6 +91,8 @@ def _bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dflash_vllm.bench.runner import ENGINES
+
     parser = argparse.ArgumentParser(prog="dflash-vllm", description="DFlash speculative decoding for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="generate through the plugin next to plain decoding on a small pair")
@@ -136,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--num-speculative-tokens", type=int, default=None, help="default: block_size - 1")
     bench.add_argument("--no-compile", action="store_true", help="eager engines (faster start, for smoke runs)")
-    bench.add_argument("--engines", choices=("restart", "shared"), default="restart",
+    bench.add_argument("--engines", choices=ENGINES, default="restart",
                        help="restart (default): each repetition starts every mode's engine afresh, one engine up "
                             "at a time, order rotating (one engine instance can run ~20%% faster or slower than "
                             "another of the same mode); shared: one engine per mode for the whole run, the modes "

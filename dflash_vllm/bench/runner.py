@@ -180,14 +180,13 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
     jobs: dict[str, dict[str, dict]] = {m: {} for m in specs}
     starts: dict[str, list[float]] = {m: [] for m in specs}
     servers: dict[str, EngineServer] = {}
-    starts_made: dict[str, int] = {}
 
     def start(mode: str) -> EngineServer:
-        starts_made[mode] = starts_made.get(mode, 0) + 1
         if progress:
             progress(f"start {mode}")
         spec = specs[mode]
-        log = log_root / (f"bench-{mode}.log" if cfg.engines == "shared" else f"bench-{mode}-{starts_made[mode]}.log")
+        # a mode whose start fails is out of the run: the starts before this one all succeeded
+        log = log_root / (f"bench-{mode}.log" if cfg.engines == "shared" else f"bench-{mode}-{len(starts[mode]) + 1}.log")
         server = EngineServer({k: v for k, v in spec.items() if k != "jobs"}, log_path=log)
         try:
             for job in spec["jobs"]:
