@@ -322,23 +322,26 @@ class PlainOrDraft:
     ``min_observations`` cycles, one 4x faster than its estimate replaces it (the first cycles at a
     new batch size pay one-off costs).
 
+    The engine's first ``warmup_drafts`` drafting cycles are not counted: they pay one-off costs
+    (at one request on CPU, a fresh engine's first three yielded 6 tokens in 35 ms, a quarter of
+    what drafting delivers there, and priced drafting out).
+
     The better mode is used; the other is retried now and then, at a cost capped by
     ``explore_budget``: one try of the loser costs its cycle time times the share of that cycle the
     winner would have spent less (``1 - loser_rate / winner_rate``), so the winner runs
     ``cost / (budget * winner_cycle)`` cycles between tries (at least ``explore_min``, at most
     ``explore_max``). A close call is re-checked often and cheaply, a clear loser rarely: at 64
-    requests on CPU a drafting cycle (with the backfill of the plain steps' context) is ~2.5 plain
-    cycles at 0.65x their rate, retried every ~160 plain cycles for ~1% of throughput. A loser
-    measured on ``n`` cycles waits at most ``explore_min * n``, so an early misjudgement (at one
-    request on CPU the first three drafting cycles yielded 6 tokens in 35 ms, a quarter of what
-    drafting delivers there) is corrected within a few hundred steps.
+    requests on CPU drafting cycles (with the backfill of the plain steps' context) ran at ~0.45x
+    the plain rate, and drafting was retried once in ~500 plain steps.
     """
 
     MODES = ("plain", "draft")
 
     def __init__(self, decay: float = 0.9, min_observations: int = 8, explore_budget: float = 0.01,
-                 explore_min: int = 8, explore_max: int = 1024, max_step_s: float = 2.0):
+                 explore_min: int = 8, explore_max: int = 1024, max_step_s: float = 2.0, warmup_drafts: int = 3):
         self.decay = decay
+        self.warmup_drafts = warmup_drafts
+        self._drafts_seen = 0
         self.min_observations = min_observations
         self.explore_budget = explore_budget
         self.explore_min = explore_min
@@ -360,10 +363,7 @@ class PlainOrDraft:
         loser_cycle, winner_cycle = loser[3] / loser[4], winner[3] / winner[4]
         cost = loser_cycle * max(0.0, 1.0 - loser[0] / max(winner[0], 1e-9))
         n = cost / max(self.explore_budget * winner_cycle, 1e-12)
-        # a loser judged on few cycles is retried sooner: a drafting cycle yields 1 to K+1 tokens per
-        # request, and the first ones pay one-off costs, so a handful of them can misjudge it badly
-        thin = self.explore_min * loser[1]
-        return int(min(self.explore_max, thin, max(self.explore_min, math.ceil(n))))
+        return int(min(self.explore_max, max(self.explore_min, math.ceil(n))))
 
     def prefer_draft(self, num_reqs: int) -> bool:
         b = self.bucket(num_reqs)
@@ -385,6 +385,9 @@ class PlainOrDraft:
     def observe(self, num_reqs: int, drafted: bool, tokens: float, seconds: float) -> bool:
         """One step cycle: ``num_reqs`` requests, whether drafts were sent, tokens it produced."""
         if num_reqs <= 0 or not seconds > 0:
+            return False
+        if drafted and self._drafts_seen < self.warmup_drafts:
+            self._drafts_seen += 1
             return False
         b = self.bucket(num_reqs)
         mode = self.MODES[int(drafted)]
@@ -453,13 +456,17 @@ class AdaptiveController:
         """At the start of a step: the previous step's cycle produced one token per request plus the
         drafts vLLM accepted. A cycle whose next step also prefilled new prompts is not counted."""
         if self._cycle is not None:
-            start, num_reqs, verify_tokens = self._cycle
+            start, num_reqs, verify_tokens, plain = self._cycle
             if num_tokens <= verify_tokens:
-                self.modes.observe(num_reqs, verify_tokens > num_reqs, num_reqs + accepted, now - start)
+                self.modes.observe(num_reqs, not plain, num_reqs + accepted, now - start)
         self._cycle = None
 
-    def open_cycle(self, now: float, num_reqs: int, num_drafts: int) -> None:
-        self._cycle = (now, num_reqs, num_reqs + num_drafts)
+    def open_cycle(self, now: float, num_reqs: int, num_drafts: int, plain: bool = False) -> None:
+        """A step cycle starts: ``plain`` for the mode that decodes plainly, else drafting, whatever
+        ``num_drafts`` (a drafting step whose drafts were all cut, or the step that hands over to
+        plain decoding and writes the last verified tokens' context, is a cost of drafting: counted
+        as plain, such cycles made plain decoding look ~1.5x dearer than it is at 16 requests)."""
+        self._cycle = (now, num_reqs, num_reqs + num_drafts, plain)
 
     def begin_step(self, now: float, num_tokens: int) -> None:
         if self._last_end is not None:
@@ -484,7 +491,7 @@ class AdaptiveController:
         self.close_cycle(now, num_tokens, 0)
         self.begin_step(now, num_tokens)
         self.end_step(now)
-        self.open_cycle(now, num_reqs, 0)
+        self.open_cycle(now, num_reqs, 0, plain=True)
 
     def _draft_seconds(self, query_tokens) -> np.ndarray:
         if not self.draft_cost.known():

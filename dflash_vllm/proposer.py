@@ -266,7 +266,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self.model.write_context_kv(context, target_positions, slots)
             if ctl is not None:
                 ctl.end_step(self._now())
-                ctl.open_cycle(t_begin, num_reqs, 0)
+                # declined with plain steps off: the mode that decodes plainly takes this very path
+                ctl.open_cycle(t_begin, num_reqs, 0, plain=declined and not self._plain_ok)
             # plain steps from the next one on: each asks the controller again (stay_plain), so
             # drafting resumes as soon as it pays, without a speculative step to find out
             self.plain = self._plain_ok and declined
