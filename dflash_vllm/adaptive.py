@@ -316,40 +316,48 @@ class PlainOrDraft:
     measured per batch-size bucket over whole step cycles (drafter, target, scheduler, sampler and
     output processing alike), so costs the step model does not see still count.
 
-    A mode's rate is a ratio of decayed sums, tokens over seconds of its recent cycles (``decay``
-    per cycle): a drafting cycle yields anywhere from 1 to K+1 tokens per request, so a mean of
-    per-cycle rates would follow the luck of the last few. While a mode has fewer than
-    ``min_observations`` cycles, one 4x faster than its estimate replaces it (the first cycles at a
-    new batch size pay one-off costs).
+    A mode's rate is a ratio of decayed sums, tokens over seconds of its cycles: a drafting cycle
+    yields anywhere from 1 to K+1 tokens per request, so a mean of per-cycle rates would follow the
+    luck of the last few. The sums of both modes decay with every cycle of the bucket (``decay``,
+    ~200 cycles of memory), so the figures of the mode that is not running go stale and a retry's
+    fresh cycles gain weight. The memory is long because the mode follows the load (each
+    batch-size bucket has its own rates) and averages over the text; a stretch of text the drafter
+    cannot predict is the cut's business, per request. With ~10 or ~50 cycles of memory, one
+    request on CPU spent about half its steps plain while drafting ran at 1.5-1.7x the plain rate
+    over the same run: each hard stretch priced drafting out, and as a clear loser it was retried
+    only a few hundred steps later. While a mode has fewer
+    than ``min_observations`` cycles, one 4x faster than its estimate replaces it (the first cycles
+    at a new batch size pay one-off costs). The engine's first ``warmup_drafts`` drafting cycles are
+    not counted at all: at one request on CPU, a fresh engine's first three yielded 6 tokens in
+    35 ms, a quarter of what drafting delivers there, and priced drafting out.
 
-    The engine's first ``warmup_drafts`` drafting cycles are not counted: they pay one-off costs
-    (at one request on CPU, a fresh engine's first three yielded 6 tokens in 35 ms, a quarter of
-    what drafting delivers there, and priced drafting out).
-
-    The better mode is used; the other is retried now and then, at a cost capped by
-    ``explore_budget``: one try of the loser costs its cycle time times the share of that cycle the
-    winner would have spent less (``1 - loser_rate / winner_rate``), so the winner runs
-    ``cost / (budget * winner_cycle)`` cycles between tries (at least ``explore_min``, at most
-    ``explore_max``). A close call is re-checked often and cheaply, a clear loser rarely: at 64
-    requests on CPU drafting cycles (with the backfill of the plain steps' context) ran at ~0.45x
-    the plain rate, and drafting was retried once in ~500 plain steps.
+    The better mode is used; the other is retried now and then for ``explore_cycles`` cycles in a
+    row, at a cost capped by ``explore_budget``: one cycle of the loser costs its cycle time times
+    the share of that cycle the winner would have spent less (``1 - loser_rate / winner_rate``), so
+    the winner runs ``explore_cycles * cost / (budget * winner_cycle)`` cycles between retries (at
+    least ``explore_min``, at most ``explore_max``; at most ``4 * explore_min`` while the loser
+    has fewer than ``2 * min_observations`` cycles, as an early judgement rests on few). A close
+    call is re-checked often and cheaply, a clear loser rarely.
     """
 
     MODES = ("plain", "draft")
 
-    def __init__(self, decay: float = 0.9, min_observations: int = 8, explore_budget: float = 0.01,
-                 explore_min: int = 8, explore_max: int = 1024, max_step_s: float = 2.0, warmup_drafts: int = 3):
+    def __init__(self, decay: float = 0.995, min_observations: int = 8, explore_budget: float = 0.01,
+                 explore_cycles: int = 4, explore_min: int = 8, explore_max: int = 1024, max_step_s: float = 2.0,
+                 warmup_drafts: int = 3):
         self.decay = decay
-        self.warmup_drafts = warmup_drafts
-        self._drafts_seen = 0
         self.min_observations = min_observations
         self.explore_budget = explore_budget
+        self.explore_cycles = explore_cycles
         self.explore_min = explore_min
         self.explore_max = explore_max
         self.max_step_s = max_step_s
+        self.warmup_drafts = warmup_drafts
+        self._drafts_seen = 0
         # bucket -> mode -> [tokens/s, count, tokens, seconds, cycles] (the last three decayed sums)
         self.rates: dict[int, dict[str, list[float]]] = {}
         self._since: dict[int, int] = {}
+        self._retry: dict[int, tuple[bool, int]] = {}  # bucket -> (mode retried: draft?, cycles left)
 
     @staticmethod
     def bucket(num_reqs: int) -> int:
@@ -359,14 +367,24 @@ class PlainOrDraft:
         return {m: v for m, v in self.rates.get(b, {}).items() if v[1] >= self.min_observations}
 
     def explore_interval(self, loser: list[float], winner: list[float]) -> int:
-        """Winner cycles between two tries of the loser (entries of ``rates``)."""
+        """Winner cycles between two retries of the loser (entries of ``rates``)."""
         loser_cycle, winner_cycle = loser[3] / loser[4], winner[3] / winner[4]
-        cost = loser_cycle * max(0.0, 1.0 - loser[0] / max(winner[0], 1e-9))
-        n = cost / max(self.explore_budget * winner_cycle, 1e-12)
-        return int(min(self.explore_max, max(self.explore_min, math.ceil(n))))
+        cost = self.explore_cycles * loser_cycle * max(0.0, 1.0 - loser[0] / max(winner[0], 1e-9))
+        n = max(self.explore_min, math.ceil(cost / max(self.explore_budget * winner_cycle, 1e-12)))
+        if loser[1] < 2 * self.min_observations:
+            n = min(n, 4 * self.explore_min)
+        return int(min(self.explore_max, n))
 
     def prefer_draft(self, num_reqs: int) -> bool:
         b = self.bucket(num_reqs)
+        retry = self._retry.get(b)
+        if retry is not None:
+            mode, left = retry
+            if left > 1:
+                self._retry[b] = (mode, left - 1)
+            else:
+                del self._retry[b]
+            return mode
         known = self._known(b)
         if "draft" not in known:
             return True  # learn what drafting delivers first, then what plain steps do
@@ -378,6 +396,8 @@ class PlainOrDraft:
         n = self._since.get(b, 0) + 1
         if n >= self.explore_interval(loser, winner):
             self._since[b] = 0
+            if self.explore_cycles > 1:
+                self._retry[b] = (not best, self.explore_cycles - 1)
             return not best
         self._since[b] = n
         return best
@@ -396,13 +416,18 @@ class PlainOrDraft:
         # an idle gap (no requests for a while) is not a step
         if seconds > (self.max_step_s if usual is None else 5 * tokens / usual + 1e-3):
             return False
-        cur = self.rates.setdefault(b, {}).get(mode)
+        modes = self.rates.setdefault(b, {})
+        for v in modes.values():  # every cycle ages both modes' figures
+            v[2] *= self.decay
+            v[3] *= self.decay
+            v[4] *= self.decay
+        cur = modes.get(mode)
         if cur is None or (cur[1] < self.min_observations and tokens / seconds > 4 * cur[0]):
-            self.rates[b][mode] = [tokens / seconds, 1.0, float(tokens), float(seconds), 1.0]
+            modes[mode] = [tokens / seconds, 1.0, float(tokens), float(seconds), 1.0]
         else:
-            cur[2] = self.decay * cur[2] + tokens
-            cur[3] = self.decay * cur[3] + seconds
-            cur[4] = self.decay * cur[4] + 1.0
+            cur[2] += tokens
+            cur[3] += seconds
+            cur[4] += 1.0
             cur[1] += 1
             cur[0] = cur[2] / cur[3]
         return True

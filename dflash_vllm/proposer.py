@@ -102,7 +102,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         # state vLLM advances differently on its speculative path.
         self._plain_ok = (self.adaptive is not None and self.options.plain_steps
                           and not vllm_config.model_config.is_hybrid)
-        self.plain = False
+        # Diagnostic: every step plain (what the plugin's plain path costs against no speculation).
+        self._force_plain = self._plain_ok and os.environ.get("DFLASH_VLLM_FORCE_PLAIN") == "1"
+        self.plain = self._force_plain
         self._backlog = ContextBacklog(self.options.backfill_tokens) if self._plain_ok else None
         self.plain_steps = 0  # steps run as plain decoding so far
         self._sync = device.type == "cuda"
@@ -349,7 +351,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         then the cost model on this batch's requests, as ``propose`` would ask it; its choice is kept
         for ``propose`` (same batch), so a veto costs no speculative step."""
         ctl = self.adaptive
-        if not ctl.wants_draft(num_reqs):
+        if self._force_plain or not ctl.wants_draft(num_reqs):
             return False
         req_ids = self._batch_req_ids(num_reqs)
         if req_ids is None:

@@ -252,9 +252,13 @@ def test_retrying_the_slower_mode_costs_about_the_exploration_budget():
             lost += seconds - tokens / 1600.0
     assert 0.005 < lost / elapsed < 0.015 and tries > 20, (lost / elapsed, tries)
     known = m._known(m.bucket(16))
-    assert m.explore_interval(known["draft"], known["plain"]) == 150
-    tie = [1550.0, 9, 62.0, 0.04, 1.0]  # 1550 tokens/s drafting against 1600 plain
-    assert m.explore_interval(tie, known["plain"]) <= 15
+    # 4 drafting cycles (40 ms each) per retry, each losing 40 ms x (1 - 1000/1600) = 15 ms against
+    # plain steps: 60 ms per retry, 1% of 600 plain cycles of 10 ms
+    assert m.explore_interval(known["draft"], known["plain"]) == 600
+    tie = [1550.0, 99, 62.0, 0.04, 1.0]  # 1550 tokens/s drafting against 1600 plain
+    assert m.explore_interval(tie, known["plain"]) <= 60, "a near tie is re-checked ten times as often"
+    thin = [1000.0, 9, 40.0, 0.04, 1.0]  # the same loser, judged on 9 cycles only
+    assert m.explore_interval(thin, known["plain"]) == 4 * m.explore_min
 
 
 def test_a_fresh_engines_first_drafting_cycles_do_not_price_drafting_out():

@@ -24,6 +24,7 @@ def _proposer(num_reqs: int) -> DFlashVllmProposer:
     p._tp_size = 1
     p._sync = False
     p._backlog = None
+    p._force_plain = False
     p.plain = True
     p.plain_steps = 0
     ctl = p.adaptive = AdaptiveController(max_drafts=K)
@@ -57,3 +58,11 @@ def test_a_per_request_cap_of_zero_is_respected_after_plain_steps():
     p = _proposer(1)
     p._caps = {"r0": 0}  # drafting disabled for the only request: nothing can pay
     assert p.stay_plain(1, 1) is True and p._preselected is None
+
+
+def test_forced_plain_steps_never_draft():
+    """DFLASH_VLLM_FORCE_PLAIN=1 (a diagnostic): plain steps even where drafting pays."""
+    p = _proposer(1)
+    p._force_plain = True
+    assert all(p.stay_plain(1, 1) for _ in range(50)) and p._preselected is None
+    assert p.plain_steps == 50
