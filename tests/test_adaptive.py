@@ -261,23 +261,30 @@ def test_retrying_the_slower_mode_costs_about_the_exploration_budget():
     assert m.explore_interval(thin, known["plain"]) == 4 * m.explore_min
 
 
-def test_a_fresh_engines_first_drafting_cycles_do_not_price_drafting_out():
-    """One request: plain cycles give 1 token in 4 ms (250 tokens/s); drafting gives 4 tokens in
-    12 ms (333 tokens/s), but a fresh engine's first three drafting cycles pay one-off costs (1 token
-    in 15 ms each, as measured on CPU). They are not counted: drafting is the choice from the start,
-    plain decoding only retried."""
-    from dflash_vllm.adaptive import PlainOrDraft
-
-    m = PlainOrDraft()
+def _one_request(m, steps: int, draft_cycle) -> list[bool]:
+    """``steps`` cycles of PlainOrDraft at one request: plain cycles give 1 token in 4 ms (250
+    tokens/s), ``draft_cycle(n)`` the tokens and seconds of the n-th drafting cycle. The choices."""
     drafts, choices = 0, []
-    for _ in range(600):
+    for _ in range(steps):
         d = m.prefer_draft(1)
         choices.append(d)
         if d:
             drafts += 1
-            m.observe(1, True, tokens=1.0 if drafts <= 3 else 4.0, seconds=0.015 if drafts <= 3 else 0.012)
+            tokens, seconds = draft_cycle(drafts)
         else:
-            m.observe(1, False, tokens=1.0, seconds=0.004)
+            tokens, seconds = 1.0, 0.004
+        m.observe(1, d, tokens=tokens, seconds=seconds)
+    return choices
+
+
+def test_a_fresh_engines_first_drafting_cycles_do_not_price_drafting_out():
+    """Drafting gives 4 tokens in 12 ms (333 tokens/s) against 250 for plain cycles, but a fresh
+    engine's first three drafting cycles pay one-off costs (1 token in 15 ms each, as measured on
+    CPU). They are not counted: drafting is the choice from the start, plain decoding only retried."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    m = PlainOrDraft()
+    choices = _one_request(m, 600, lambda n: (1.0, 0.015) if n <= 3 else (4.0, 0.012))
     assert m.rates[0]["draft"][0] == pytest.approx(333.3, rel=1e-3)
     assert sum(choices[100:]) / 500 > 0.85  # plain retried now and then: ~1% of the time lost
 
@@ -285,20 +292,12 @@ def test_a_fresh_engines_first_drafting_cycles_do_not_price_drafting_out():
 def test_drafting_misjudged_by_an_unlucky_stretch_wins_back():
     """After the warm-up, eight drafting cycles in a row yield a single token (text the drafter
     cannot predict, then predictable text again): plain decoding wins for a while, and drafting,
-    retried at the budget's pace on a near tie, takes over again within a few hundred steps."""
+    judged on few cycles and so retried every 32 steps, takes over again."""
     from dflash_vllm.adaptive import PlainOrDraft
 
     m = PlainOrDraft()
-    drafts, choices = 0, []
-    for _ in range(1500):
-        d = m.prefer_draft(1)
-        choices.append(d)
-        if d:
-            drafts += 1
-            bad = m.warmup_drafts < drafts <= m.warmup_drafts + 8
-            m.observe(1, True, tokens=1.0 if bad else 4.0, seconds=0.012)
-        else:
-            m.observe(1, False, tokens=1.0, seconds=0.004)
+    bad = range(m.warmup_drafts + 1, m.warmup_drafts + 9)
+    choices = _one_request(m, 1500, lambda n: (1.0 if n in bad else 4.0, 0.012))
     assert not all(choices[:60]), "the unlucky stretch makes plain decoding look better"
     assert sum(choices[-500:]) / 500 > 0.85
 
