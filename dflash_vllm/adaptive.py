@@ -325,11 +325,13 @@ class PlainOrDraft:
     cannot predict is the cut's business, per request. With ~10 or ~50 cycles of memory, one
     request on CPU spent about half its steps plain while drafting ran at 1.5-1.7x the plain rate
     over the same run: each hard stretch priced drafting out, and as a clear loser it was retried
-    only a few hundred steps later. While a mode has fewer
-    than ``min_observations`` cycles, one 4x faster than its estimate replaces it (the first cycles
-    at a new batch size pay one-off costs). The engine's first ``warmup_drafts`` drafting cycles are
-    not counted at all: at one request on CPU, a fresh engine's first three yielded 6 tokens in
-    35 ms, a quarter of what drafting delivers there, and priced drafting out.
+    only a few hundred steps later.
+
+    While a mode has fewer than ``min_observations`` cycles, one 4x faster than its estimate
+    replaces it (the first cycles at a new batch size pay one-off costs). The engine's first
+    ``warmup_drafts`` drafting cycles are not counted at all: at one request on CPU, a fresh
+    engine's first three yielded 6 tokens in 35 ms, a quarter of what drafting delivers there, and
+    priced drafting out.
 
     The better mode is used; the other is retried now and then for ``explore_cycles`` cycles in a
     row, at a cost capped by ``explore_budget``: one cycle of the loser costs its cycle time times

@@ -23,19 +23,19 @@ from pathlib import Path
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
 
 
+def _rate(cycles: list[tuple]) -> float:
+    return sum(c[2] for c in cycles) / max(sum(c[3] for c in cycles), 1e-9)
+
+
 def _summary(jobs: list[dict], events: list[dict]) -> None:
     for job in jobs:
         steps = [e for e in events if e["job"] == job["name"] and e.get("reqs")]
         cycles = [c for e in steps for c in e.get("cycles", []) if c[4]]
-
-        def rate(cs):
-            return sum(c[2] for c in cs) / max(sum(c[3] for c in cs), 1e-9)
-
         plain = [c for c in cycles if not c[1]]
         draft = [c for c in cycles if c[1]]
         print(f"{job['name']:>11}: {job['tokens_per_s']:7.1f} tok/s, {len(steps)} steps, "
               f"{sum(1 for e in steps if e.get('stayed_plain'))} plain; cycles counted: plain {len(plain)} "
-              f"at {rate(plain):.0f} tok/s, drafting {len(draft)} at {rate(draft):.0f} tok/s; "
+              f"at {_rate(plain):.0f} tok/s, drafting {len(draft)} at {_rate(draft):.0f} tok/s; "
               f"{sum(1 for e in steps if 'backfill_ms' in e)} backfills")
 
 
