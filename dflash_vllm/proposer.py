@@ -351,9 +351,11 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         then the cost model on this batch's requests, as ``propose`` would ask it; its choice is kept
         for ``propose`` (same batch), so a veto costs no speculative step."""
         ctl = self.adaptive
-        if self._force_plain or not ctl.wants_draft(num_reqs):
+        if self._force_plain:
             return False
         req_ids = self._batch_req_ids(num_reqs)
+        if not ctl.wants_draft(num_reqs, req_ids):
+            return False
         if req_ids is None:
             return True
         k = self.num_speculative_tokens

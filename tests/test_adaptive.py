@@ -302,6 +302,64 @@ def test_drafting_misjudged_by_an_unlucky_stretch_wins_back():
     assert sum(choices[-500:]) / 500 > 0.85
 
 
+def _requests_one_at_a_time(ctl, texts: list[str], tokens_each: int = 128) -> list[list[bool]]:
+    """Requests served one after another, ``tokens_each`` tokens each: a plain cycle gives 1 token in
+    4 ms (250 tokens/s); a drafting cycle on ``hard`` text 1-4 tokens in 11 ms (~160 tokens/s, widely spread), on
+    ``easy`` text 7 in 10 ms (700 tokens/s). Per request, the controller's choice at every step."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i, text in enumerate(texts):
+        rid, done, choices = f"req{i}", 0, []
+        while done < tokens_each:
+            d = ctl.wants_draft(1, [rid])
+            if d:
+                assert ctl.select([rid], np.array([7]), 8).all()
+                tokens, seconds = (float(rng.choice([1, 1, 1, 2, 4])), 0.011) if text == "hard" else (7.0, 0.010)
+            else:
+                tokens, seconds = 1.0, 0.004
+            ctl.modes.observe(1, d, tokens=tokens, seconds=seconds)
+            choices.append(d)
+            done += tokens
+        out.append(choices)
+    return out
+
+
+def test_a_new_request_retries_drafting_judged_on_another_text():
+    """At one request, drafting priced out by hard text (a warm-up, then a hard request) is retried
+    when the next request begins, not a few hundred steps later: each easy request drafts from its
+    first steps. Without the retry on new text, the first easy request runs mostly plain."""
+    texts = ["hard", "hard", "easy", "easy", "hard", "easy"]
+    runs = _requests_one_at_a_time(AdaptiveController(max_drafts=7), texts)
+    assert sum(runs[1]) <= 4, "on hard text plain decoding wins (one 4-cycle retry)"
+    for i in (2, 3, 5):
+        assert any(runs[i][:4]) and sum(runs[i]) / len(runs[i]) > 0.8, (i, runs[i][:20])
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.modes.turnover_factor = 1  # retries on the budget alone
+    late = _requests_one_at_a_time(ctl, texts)
+    assert sum(late[2]) / len(late[2]) < 0.5, "the budget alone retries too late for this request"
+
+
+def test_new_requests_under_load_do_not_bring_early_retries():
+    """At 16 requests the batch's rate averages many texts: a batch of new requests every step does
+    not retry drafting sooner than the exploration budget allows. (Were 16 requests "a few", the
+    same run would retry drafting far more often.)"""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    def tries(m) -> float:
+        rng = np.random.default_rng(0)
+        choices = []
+        for _ in range(3000):
+            d = m.prefer_draft(16, new_text=True)
+            choices.append(d)
+            # drafting: 16-64 tokens per 40 ms (800 tokens/s, widely spread); plain: 16 in 13.5 ms
+            m.observe(16, d, *((float(rng.choice([16, 16, 24, 40, 64])), 0.04) if d else (16.0, 0.0135)))
+        return sum(choices[500:]) / 2500
+
+    under_load = tries(PlainOrDraft())
+    assert 0 < under_load < 0.02, f"retries at the budget's pace (~4 cycles in 400), not {under_load:.3f}"
+    assert tries(PlainOrDraft(turnover_max_reqs=16)) > 2 * under_load
+
+
 def test_cycles_are_counted_by_mode_not_by_drafts_sent():
     """A drafting step whose drafts were all cut, and the step that hands over to plain decoding,
     are costs of drafting: their cycles count as drafting, whatever they sent. Only plain steps
