@@ -374,6 +374,7 @@ class PlainOrDraft:
         self.rates: dict[int, dict[str, list[float]]] = {}
         self._since: dict[int, int] = {}
         self._retry: dict[int, tuple[bool, int]] = {}  # bucket -> (mode retried: draft?, cycles left)
+        self.retrying = False  # the last prefer_draft answered for a retry of the losing mode
 
     @staticmethod
     def bucket(num_reqs: int) -> int:
@@ -402,6 +403,7 @@ class PlainOrDraft:
         drafting last ran in this bucket."""
         b = self.bucket(num_reqs)
         retry = self._retry.get(b)
+        self.retrying = retry is not None
         if retry is not None:
             mode, left = retry
             if left > 1:
@@ -426,6 +428,7 @@ class PlainOrDraft:
             self._since[b] = 0
             if self.explore_cycles > 1:
                 self._retry[b] = (not best, self.explore_cycles - 1)
+            self.retrying = True
             return not best
         self._since[b] = n
         return best
@@ -578,10 +581,19 @@ class AdaptiveController:
         if self.declined:
             self.requests.idle([rid for rid, c in zip(req_ids, caps, strict=True) if c > 0])
             return np.zeros(len(req_ids), dtype=bool)
-        if len(req_ids) <= self.modes.turnover_max_reqs:
+        sel = self._select(req_ids, caps, block_tokens)
+        if sel.any() and len(req_ids) <= self.modes.turnover_max_reqs:
             self._drafted_ids[PlainOrDraft.bucket(len(req_ids))] = frozenset(req_ids)
+        return sel
+
+    def _select(self, req_ids: list[str], caps: np.ndarray, block_tokens: int) -> np.ndarray:
         if not self.step_cost.known():
             return caps > 0  # nothing measured yet: draft, and learn
+        if self.modes.retrying and len(req_ids) <= self.modes.turnover_max_reqs:
+            # a retry measures drafting on this batch's text: at a few requests the pooled rates are
+            # another text's, and their veto would leave the retry unmade (the cut, on the
+            # drafter's confidences, still chooses what is sent)
+            return caps > 0
         key = (tuple(req_ids), caps.tobytes())
         if self._kept is not None and self._kept[0] == key and self._kept[1] > 0:
             self._kept = (key, self._kept[1] - 1)

@@ -3,7 +3,8 @@
 Runs the bench's jobs for one mode (warm-up loops, then ``--reps`` closed loops at each
 concurrency) on one engine in this process, and records for every engine step: requests, tokens,
 new prompts, drafts verified, the step's wall time, whether it ran plain, the drafts proposed, the
-backfill time, and each cycle the controller counted (mode, tokens, seconds). Prints a summary per
+backfill time, each cycle the controller counted (mode, tokens, seconds), and the rates the mode
+choice saw. Prints a summary per
 job: plain steps, the measured plain and drafting rates, backfills.
 
     .venv/bin/python scripts/trace_adaptive.py --concurrency 1,4,16,64 --reps 2 --json runs/trace.json
@@ -104,6 +105,16 @@ def main() -> None:
     wrap(P.DFlashVllmProposer, "stay_plain", after=lambda self, out, dt, *a: cur.update(stayed_plain=out))
     wrap(P.DFlashVllmProposer, "_backfill", after=lambda self, out, dt, *a: cur.update(backfill_ms=dt * 1e3))
     wrap(adaptive.PlainOrDraft, "observe", after=counted)
+
+    def asked(self, out, dt, num_reqs, new_text=False):  # the rates the mode choice saw
+        known = self._known(self.bucket(num_reqs))
+        if "draft" in known and "plain" in known:
+            d, pl = known["draft"], known["plain"]
+            cur["choice"] = {"draft": d[0], "spread": self.spread(d), "plain": pl[0], "new_text": new_text,
+                             "since": self._since.get(self.bucket(num_reqs), 0),
+                             "interval": self.explore_interval(*((d, pl) if pl[0] > d[0] else (pl, d)))}
+
+    wrap(adaptive.PlainOrDraft, "prefer_draft", after=asked)
 
     llm = LLM(**spec["engine"])
     jobs = []

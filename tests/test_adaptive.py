@@ -339,6 +339,32 @@ def test_a_new_request_retries_drafting_judged_on_another_text():
     assert sum(late[2]) / len(late[2]) < 0.5, "the budget alone retries too late for this request"
 
 
+def test_a_retry_at_one_request_is_not_vetoed_by_another_texts_rates():
+    """Drafts learnt on hard text (1 in 7 accepted) make the cost model veto drafting for any new
+    request before the drafter runs. A retry of drafting at one request still drafts: it is there
+    to measure this request's text (the cut then decides on the drafter's confidences)."""
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.step_cost.set_profile({1: 4e-3, 8: 5e-3, 64: 20e-3})
+    for _ in range(3):
+        ctl.draft_cost.observe(8, 3e-3)
+    for _ in range(50):
+        ctl.observe_outcomes(np.full((1, 7), 0.5), [7], [0])
+    caps = np.array([7])
+    assert not ctl.select(["old"], caps, 8).any(), "the pooled rates veto drafting"
+    for _ in range(12):  # drafting priced out at one request: 130 tokens/s against 250
+        ctl.modes.observe(1, True, tokens=1.3, seconds=0.01)
+        ctl.modes.observe(1, False, tokens=1.0, seconds=0.004)
+    retried = False
+    for _ in range(200):  # plain steps until drafting is retried
+        if ctl.wants_draft(1, ["new"]):
+            assert ctl.modes.retrying
+            assert ctl.select(["new"], caps, 8).all(), "the retry drafts"
+            retried = True
+            break
+        ctl.plain_step(0.0, 1, 1)
+    assert retried
+
+
 def test_new_requests_under_load_do_not_bring_early_retries():
     """At 16 requests the batch's rate averages many texts: a batch of new requests every step does
     not retry drafting sooner than the exploration budget allows. (Were 16 requests "a few", the
