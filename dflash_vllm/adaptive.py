@@ -392,6 +392,10 @@ class PlainOrDraft:
             n = min(n, 4 * self.explore_min)
         return int(min(self.explore_max, n))
 
+    def few(self, num_reqs: int) -> bool:
+        """A batch small enough that its drafting rate is one or a few texts' (``turnover_max_reqs``)."""
+        return num_reqs <= self.turnover_max_reqs
+
     @staticmethod
     def spread(v: list[float]) -> float:
         """Standard deviation of a mode's per-cycle rates (an entry of ``rates``)."""
@@ -421,7 +425,7 @@ class PlainOrDraft:
         winner, loser = (draft, plain) if best else (plain, draft)
         n = self._since.get(b, 0) + 1
         interval = self.explore_interval(loser, winner)
-        if (new_text and not best and num_reqs <= self.turnover_max_reqs and n * self.turnover_factor >= interval
+        if (new_text and not best and self.few(num_reqs) and n * self.turnover_factor >= interval
                 and loser[0] + self.spread(loser) >= winner[0]):
             interval = n  # new text may suit the drafter: retry now
         if n >= interval:
@@ -546,7 +550,7 @@ class AdaptiveController:
         when it says yes, ``select`` takes the answer instead of asking again. ``req_ids``, the
         batch's requests, tell whether its text is new since drafting last ran at this batch size."""
         new_text = False
-        if req_ids and num_reqs <= self.modes.turnover_max_reqs:
+        if req_ids and self.modes.few(num_reqs):
             seen = self._drafted_ids.get(PlainOrDraft.bucket(num_reqs))
             new_text = seen is not None and 2 * sum(rid not in seen for rid in req_ids) >= len(req_ids)
         self._mode_checked = self.modes.prefer_draft(num_reqs, new_text)
@@ -582,14 +586,14 @@ class AdaptiveController:
             self.requests.idle([rid for rid, c in zip(req_ids, caps, strict=True) if c > 0])
             return np.zeros(len(req_ids), dtype=bool)
         sel = self._select(req_ids, caps, block_tokens)
-        if sel.any() and len(req_ids) <= self.modes.turnover_max_reqs:
+        if sel.any() and self.modes.few(len(req_ids)):
             self._drafted_ids[PlainOrDraft.bucket(len(req_ids))] = frozenset(req_ids)
         return sel
 
     def _select(self, req_ids: list[str], caps: np.ndarray, block_tokens: int) -> np.ndarray:
         if not self.step_cost.known():
             return caps > 0  # nothing measured yet: draft, and learn
-        if self.modes.retrying and len(req_ids) <= self.modes.turnover_max_reqs:
+        if self.modes.retrying and self.modes.few(len(req_ids)):
             # a retry measures drafting on this batch's text: at a few requests the pooled rates are
             # another text's, and their veto would leave the retry unmade (the cut, on the
             # drafter's confidences, still chooses what is sent)

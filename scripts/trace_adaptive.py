@@ -4,8 +4,7 @@ Runs the bench's jobs for one mode (warm-up loops, then ``--reps`` closed loops 
 concurrency) on one engine in this process, and records for every engine step: requests, tokens,
 new prompts, drafts verified, the step's wall time, whether it ran plain, the drafts proposed, the
 backfill time, each cycle the controller counted (mode, tokens, seconds), and the rates the mode
-choice saw. Prints a summary per
-job: plain steps, the measured plain and drafting rates, backfills.
+choice saw. Prints a summary per job: plain steps, the measured plain and drafting rates, backfills.
 
     .venv/bin/python scripts/trace_adaptive.py --concurrency 1,4,16,64 --reps 2 --json runs/trace.json
 
