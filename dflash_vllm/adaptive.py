@@ -483,8 +483,17 @@ class AdaptiveController:
     """
 
     def __init__(self, max_drafts: int, warmup_drafts: int = 3, explore_every: int = 128,
-                 full_every: int = 32, plain_after_veto: int = 8, reselect_every: int = 8):
+                 full_every: int = 32, plain_after_veto: int = 8, reselect_every: int = 8,
+                 cut_from_reqs: int = 2):
         self.max_drafts = max_drafts
+        # The cut runs when at least ``cut_from_reqs`` requests draft; a lone one sends every draft
+        # its cap allows. One request's drafts are as cheap to verify as drafts get (on a GPU the
+        # step is memory-bound, on CPU its fixed costs dwarf them), so the cut has little to save,
+        # and the price it sees is confounded: a step with more drafts also returns more tokens to
+        # process. At 1 request on CPU, in one process with requests interleaved between engines
+        # (the machine's drift cancelled), the cut cost 4-5% of throughput in three runs against
+        # sending all 7. Whether the request drafts at all is still decided (select, PlainOrDraft).
+        self.cut_from_reqs = cut_from_reqs
         # The first block passes pay one-off costs (lazy initialisation, compiled-graph loading): their
         # times would make drafting look far dearer than it is, and no draft would ever be sent again
         # to correct it. They are not counted.
@@ -509,7 +518,13 @@ class AdaptiveController:
         # steps (the rule's inputs move slowly; at one request it cost ~3% of a CPU step).
         self.reselect_every = reselect_every
         self._kept: tuple[tuple, int] | None = None  # (batch key, steps it is still kept for)
+        # Steps of vLLM's speculative path only (drafts verified or not: the rejection sampler, the
+        # aux-state gather and the drafter's context pass are paid whatever is sent). Plain steps run
+        # a cheaper path: mixed in, at one request on CPU they made the first draft of a step look
+        # ~3 ms dear (its bucket plain steps, the next ones drafting steps) and the cut sent 0-2 drafts
+        # where all 7 paid. They are timed apart (``plain_cost``); the mode choice is PlainOrDraft's.
         self.step_cost = StepCostModel()
+        self.plain_cost = StepCostModel()
         self.draft_cost = StepCostModel()
         self.calibrator = AcceptanceCalibrator(max_drafts)
         self.requests = RequestFactors()
@@ -534,9 +549,11 @@ class AdaptiveController:
         as plain, such cycles made plain decoding look ~1.5x dearer than it is at 16 requests)."""
         self._cycle = (now, num_reqs, num_reqs + num_drafts, plain)
 
-    def begin_step(self, now: float, num_tokens: int) -> None:
+    def begin_step(self, now: float, num_tokens: int, plain: bool = False) -> None:
+        """The target step that just ran took ``now`` minus the last ``end_step``; ``plain``: it ran
+        vLLM's plain decoding path."""
         if self._last_end is not None:
-            self.step_cost.observe(num_tokens, now - self._last_end)
+            (self.plain_cost if plain else self.step_cost).observe(num_tokens, now - self._last_end)
 
     def end_step(self, now: float, num_reqs: int = 0, draft_tokens: int = 0, draft_seconds: float = 0.0) -> None:
         self._last_end = now
@@ -560,7 +577,7 @@ class AdaptiveController:
         """Account for a plain step the drafter sat out (cycle rate, step cost at ``num_tokens``)."""
         self._mode_checked = False
         self.close_cycle(now, num_tokens, 0)
-        self.begin_step(now, num_tokens)
+        self.begin_step(now, num_tokens, plain=True)
         self.end_step(now)
         self.open_cycle(now, num_reqs, 0, plain=True)
 
@@ -629,7 +646,8 @@ class AdaptiveController:
             return " ".join(f"{n:.0f}:{1e3 * s:.1f}" for n, s in m.points())
         modes = " ".join(f"{2 ** (b / 2):.0f}:" + "/".join(f"{m}={v[0]:.0f}({v[1]:.0f})" for m, v in sorted(d.items()))
                          for b, d in sorted(self.modes.rates.items()))
-        return (f"step ms [{pts(self.step_cost)}] draft ms [{pts(self.draft_cost)}] rates "
+        return (f"step ms [{pts(self.step_cost)}] plain step ms [{pts(self.plain_cost)}] draft ms "
+                f"[{pts(self.draft_cost)}] rates "
                 f"{np.round(self.calibrator.position_rates(self.max_drafts), 2).tolist()} tokens/s [{modes}]")
 
     def cut(self, conf, caps, draft_seconds: float = 0.0) -> np.ndarray:
@@ -638,7 +656,8 @@ class AdaptiveController:
         sends nothing still paid it, so the throughput each length gives counts it."""
         conf = np.asarray(conf, dtype=np.float64)
         self._cuts += 1
-        if not self.step_cost.known() or (self.full_every and self._cuts % self.full_every == 0):
+        if (len(conf) < self.cut_from_reqs or not self.step_cost.known()
+                or (self.full_every and self._cuts % self.full_every == 0)):
             return np.minimum(np.asarray(caps), conf.shape[1])
         return choose_draft_lengths(self.calibrator.estimate(conf), self.step_cost.cost, caps=caps,
                                     draft_cost=draft_seconds)

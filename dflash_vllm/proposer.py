@@ -107,6 +107,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self.plain = self._force_plain
         self._backlog = ContextBacklog(self.options.backfill_tokens) if self._plain_ok else None
         self.plain_steps = 0  # steps run as plain decoding so far
+        self._resumed = False  # the step propose is called for ran plain (stay_plain chose to draft)
         self._sync = device.type == "cuda"
         self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
         self._sent: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (confidences, drafts sent)
@@ -216,7 +217,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         t_begin = 0.0
         if ctl is not None:
             t_begin = self._now()
-            ctl.begin_step(t_begin, cad.num_actual_tokens)
+            resumed, self._resumed = self._resumed, False  # this step ran plain; drafting resumes
+            ctl.begin_step(t_begin, cad.num_actual_tokens, plain=resumed)
             self._steps += 1
             if self._steps % int(os.environ.get("DFLASH_DESCRIBE_EVERY", 500)) == 0:
                 logger.debug("dflash-vllm adaptive: %s", ctl.describe())
@@ -333,6 +335,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             draft = bool(get_tp_group().broadcast_object(draft, src=0))
         if draft:
             self.plain = False
+            self._resumed = True
             return False
         ctl.plain_step(self._now(), num_reqs, num_tokens)
         if self._backlog is not None and aux_hidden_states is not None and positions is not None and cad is not None:

@@ -147,6 +147,37 @@ def test_the_cut_sends_every_draft_now_and_then():
     assert lengths == [[0, 0]] * 3 + [[7, 3]] + [[0, 0]] * 3 + [[7, 3]], lengths
 
 
+def test_a_lone_drafting_request_sends_all_its_drafts():
+    """The cut runs when two or more requests draft: where every draft costs more than it yields, a
+    pair of requests sends none, a lone one every draft its cap allows (and with the cut on from
+    one request, none)."""
+    ctl = AdaptiveController(max_drafts=7, full_every=0)
+    ctl.step_cost.set_profile({1: 5e-3, 2: 10e-3, 8: 40e-3})
+    assert ctl.cut(np.full((2, 7), 0.2), np.array([7, 3])).tolist() == [0, 0]
+    assert ctl.cut(np.full((1, 7), 0.2), np.array([5])).tolist() == [5]
+    ctl = AdaptiveController(max_drafts=7, full_every=0, cut_from_reqs=1)
+    ctl.step_cost.set_profile({1: 5e-3, 2: 10e-3, 8: 40e-3})
+    assert ctl.cut(np.full((1, 7), 0.2), np.array([5])).tolist() == [0]
+
+
+def test_plain_path_steps_are_not_points_of_the_speculative_step_cost():
+    """A step of vLLM's plain path (no rejection sampler, aux-state gather or drafter context pass)
+    is timed into ``plain_cost``; only speculative-path steps shape the curve the cut prices drafts
+    on. Mixed, plain 1-token steps next to drafting 8-token steps made a first draft look dear."""
+    ctl = AdaptiveController(max_drafts=7)
+    now = 0.0
+    for _ in range(8):
+        ctl.end_step(now)
+        now += 4e-3
+        ctl.begin_step(now, 1, plain=True)
+        ctl.end_step(now)
+        now += 9e-3
+        ctl.begin_step(now, 8)
+    assert ctl.plain_cost.cost1(1) == pytest.approx(4e-3)
+    assert ctl.step_cost.cost1(8) == pytest.approx(9e-3)
+    assert ctl.step_cost.bucket(1) not in ctl.step_cost.online
+
+
 def test_monotone_fit_pools_violators_by_weight():
     assert monotone_fit(np.array([1.0, 2.0, 3.0]), np.ones(3)).tolist() == [1.0, 2.0, 3.0]
     out = monotone_fit(np.array([1.0, 4.0, 2.0, 5.0]), np.array([1.0, 1.0, 3.0, 1.0]))
@@ -440,8 +471,9 @@ def test_vetoed_drafting_is_re_measured_now_and_then():
 
 
 def test_plain_steps_are_timed_and_drafting_resumes_when_it_pays():
-    """Plain steps (the drafter sits them out) feed the plain rate and the step-cost model; the
-    controller answers each one whether to draft again, and asks PlainOrDraft once per step."""
+    """Plain steps (the drafter sits them out) feed the plain rate and a step-cost model of their
+    own, not the speculative path's; the controller answers each one whether to draft again, and
+    asks PlainOrDraft once per step."""
     ctl = AdaptiveController(max_drafts=7)
     for b in (16,):  # drafting measured at 600 tokens/s, plain steps at 1600
         for _ in range(3):
@@ -457,7 +489,8 @@ def test_plain_steps_are_timed_and_drafting_resumes_when_it_pays():
             ctl.plain_step(now, 16, 16)
             now += 0.01  # 16 tokens in 10 ms
     assert ctl.modes.rates[ctl.modes.bucket(16)]["plain"][0] == pytest.approx(1600.0)
-    assert ctl.step_cost.cost1(16) == pytest.approx(0.01)
+    assert ctl.plain_cost.cost1(16) == pytest.approx(0.01)
+    assert not ctl.step_cost.online, "plain decoding's path is not the speculative one"
     late = answers[50:]
     assert 0 < sum(late) < 0.1 * len(late), "plain from now on, drafting retried now and then"
 
