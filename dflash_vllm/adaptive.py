@@ -491,8 +491,8 @@ class AdaptiveController:
         # step is memory-bound, on CPU its fixed costs dwarf them), so the cut has little to save,
         # and the price it sees is confounded: a step with more drafts also returns more tokens to
         # process. At 1 request on CPU, in one process with requests interleaved between engines
-        # (the machine's drift cancelled), the cut cost 4-5% of throughput in three runs against
-        # sending all 7. Whether the request drafts at all is still decided (select, PlainOrDraft).
+        # (the machine's drift cancelled), the cut cost 4% of throughput in two runs against
+        # sending all 7 (scripts/ab_interleaved.py). Whether it drafts at all is still decided.
         self.cut_from_reqs = cut_from_reqs
         # The first block passes pay one-off costs (lazy initialisation, compiled-graph loading): their
         # times would make drafting look far dearer than it is, and no draft would ever be sent again
@@ -521,8 +521,8 @@ class AdaptiveController:
         # Steps of vLLM's speculative path only (drafts verified or not: the rejection sampler, the
         # aux-state gather and the drafter's context pass are paid whatever is sent). Plain steps run
         # a cheaper path: mixed in, at one request on CPU they made the first draft of a step look
-        # ~3 ms dear (its bucket plain steps, the next ones drafting steps) and the cut sent 0-2 drafts
-        # where all 7 paid. They are timed apart (``plain_cost``); the mode choice is PlainOrDraft's.
+        # ~3 ms dear (its bucket plain steps, the next ones drafting steps), and in a quarter of its
+        # steps the cut sent 0-2 drafts. They are timed apart (``plain_cost``).
         self.step_cost = StepCostModel()
         self.plain_cost = StepCostModel()
         self.draft_cost = StepCostModel()
@@ -574,7 +574,7 @@ class AdaptiveController:
         return self._mode_checked
 
     def plain_step(self, now: float, num_reqs: int, num_tokens: int) -> None:
-        """Account for a plain step the drafter sat out (cycle rate, step cost at ``num_tokens``)."""
+        """Account for a plain step the drafter sat out (cycle rate, plain step cost at ``num_tokens``)."""
         self._mode_checked = False
         self.close_cycle(now, num_tokens, 0)
         self.begin_step(now, num_tokens, plain=True)
