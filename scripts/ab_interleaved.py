@@ -1,21 +1,31 @@
-"""Engines side by side in one process, one request at a time, interleaved (a diagnostic).
+"""Engines side by side in one process, their work interleaved (a diagnostic).
 
-Each engine named on the command line is built in this process (``name=mode[:ablation+...]``);
-every prompt then runs on each engine in turn, the order rotating, for ``--rounds`` rounds. Time
-per prompt is summed per engine, so the machine's drift (on the 2-core CPU this was built on, a
-single-threaded matmul varies by +-15% from one 2-second window to the next, and a whole engine
-run by up to ~20%) falls on every engine alike: the ratios resolve a few percent where one
-``dflash-vllm bench`` run cannot. Concurrency 1 only, and in-process: output processing runs in
-the engine's thread, as it does not in a served engine.
+Each engine named on the command line is built in this process (``name=mode[:ablation+...]``).
+The work is cut into units of ``--waves`` x ``--concurrency`` prompts, each unit submitted at once
+to an engine whose ``max_num_seqs`` is that concurrency (it admits a queued prompt as one
+finishes: a closed loop, as ``dflash-vllm bench`` runs). Every unit runs on each engine in turn,
+the order rotating, for ``--rounds`` rounds, and time per unit is summed per engine. The
+machine's drift (on the 2-core CPU this was built on, a single-threaded matmul varies by +-15%
+from one 2-second window to the next) then falls on every engine alike, and the ratios resolve a
+few percent where one ``dflash-vllm bench`` run cannot. Name a mode twice for the A/A spread.
+
+A unit ends with its slowest request. Plain decoding advances every request one token a step,
+so a wave of equal-length requests ends together; speculation advances them unevenly, and the
+last requests of a unit (those the drafter predicts worst) run at a small batch. The bench's
+repetitions end the same way. ``--waves 1`` makes that tail as large as it gets.
+
+In-process by default: output processing then runs in the engine's thread, as it does not in a
+served engine. ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` puts each engine core in its own processes,
+as served (no ablations then, and no controller figures); only then can mode ``builtin`` (vLLM's
+own DFlash) run beside the plugin's engines.
 
     .venv/bin/python scripts/ab_interleaved.py fixed=plugin-fixed adaptive=plugin cut1=plugin:cut1
-
-``VLLM_ENABLE_V1_MULTIPROCESSING=1`` puts each engine core in its own processes, as served (no
-ablations then, and no plain-step count).
+    .venv/bin/python scripts/ab_interleaved.py --concurrency 16 base=baseline adaptive=plugin base2=baseline
 
 Ablations of the adaptive controller (diagnostics only): ``cut1`` the cut also for a lone drafting
 request (``cut_from_reqs=1``), ``nocut`` no cut at all, ``noveto`` no per-request choice at a few
-requests (only PlainOrDraft picks plain steps), ``noplain`` never a plain step by the measured rates.
+requests (only PlainOrDraft picks plain steps), ``noplain`` never a plain step by the measured
+rates, ``forceplain`` every step plain (as ``DFLASH_VLLM_FORCE_PLAIN=1``).
 """
 
 from __future__ import annotations
@@ -47,10 +57,12 @@ def ablate(proposer, ablations: list[str]) -> None:
                 return (np.asarray(caps) > 0) if ctl.modes.few(len(ids)) else select(ids, caps, bt)
 
             ctl._select = few_all
+        elif name == "forceplain":  # as DFLASH_VLLM_FORCE_PLAIN=1: every step plain (what plain steps cost)
+            proposer._force_plain = proposer.plain = True
         elif name == "noplain":
             ctl.modes.prefer_draft = lambda num_reqs, new_text=False: True
         else:
-            raise SystemExit(f"unknown ablation {name!r}: cut1, nocut, noveto, noplain")
+            raise SystemExit(f"unknown ablation {name!r}: cut1, nocut, noveto, noplain, forceplain")
 
 
 def main() -> None:
@@ -62,6 +74,11 @@ def main() -> None:
     ap.add_argument("--prompts", default=str(root / "eval_prompts.jsonl"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=1, help="requests at once (max_num_seqs)")
+    ap.add_argument("--waves", type=int, default=None,
+                    help="prompts per unit, in concurrencies (default 1 at concurrency 1, 4 up to 16, else 2)")
+    ap.add_argument("--units", type=int, default=None,
+                    help="units per round (default: one per prompt at concurrency 1, else 4)")
     args = ap.parse_args()
 
     from dflash_vllm import patches
@@ -73,45 +90,62 @@ def main() -> None:
     from dflash_vllm.training.data import read_prompts
 
     prompts = read_prompts(args.prompts)
-    cfg = BenchConfig(target=args.target, drafter=args.drafter, prompts=prompts, concurrency=[1])
+    cfg = BenchConfig(target=args.target, drafter=args.drafter, prompts=prompts, concurrency=[args.concurrency])
     engines = {}
     for arg in args.engines:
         name, _, spec = arg.partition("=")
         mode, _, abl = spec.partition(":")
-        llm = LLM(**engine_spec(cfg, mode)["engine"])
+        if mode == "builtin":  # the engine core's processes, spawned now, leave vLLM unpatched
+            if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "1":
+                raise SystemExit("mode builtin needs VLLM_ENABLE_V1_MULTIPROCESSING=1 (this process runs the plugin)")
+            os.environ["DFLASH_VLLM_DISABLE"] = "1"
+        try:
+            llm = LLM(**engine_spec(cfg, mode)["engine"])
+        finally:
+            os.environ.pop("DFLASH_VLLM_DISABLE", None)
         core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # None: engine core in its own process
         runner = core.model_executor.driver_worker.worker.model_runner if core is not None else None
         proposer = getattr(runner, "drafter", None)
         ablate(proposer, [a for a in abl.split("+") if a])
         engines[name] = (llm, proposer)
+    c = args.concurrency
+    w = args.waves or (1 if c == 1 else 4 if c <= 16 else 2)
+    n = args.units or (len(prompts) if c == 1 else 4)
+    units = [[prompts[(u * c * w + j) % len(prompts)] for j in range(c * w)] for u in range(n)]
     warm = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, seed=0)
     sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     for llm, _ in engines.values():
         for p in prompts[-4:]:
             llm.generate([p], warm, use_tqdm=False)
-    names, n = list(engines), len(prompts)
+        if c > 1:
+            llm.generate(units[-1], warm, use_tqdm=False)
+    names = list(engines)
     secs = {m: [0.0] * n for m in names}
     outs: dict[str, list] = {m: [None] * n for m in names}
     for r in range(args.rounds):
-        for i, p in enumerate(prompts):
+        for i, unit in enumerate(units):
             j = (i + r) % len(names)
             for m in names[j:] + names[:j]:
                 t = time.perf_counter()
-                out = engines[m][0].generate([p], sampling, use_tqdm=False)
+                out = engines[m][0].generate(unit, sampling, use_tqdm=False)
                 secs[m][i] += time.perf_counter() - t
-                outs[m][i] = list(out[0].outputs[0].token_ids)
+                outs[m][i] = [list(o.outputs[0].token_ids) for o in out]
     base, half = names[0], n // 2
-    tokens = args.rounds * n * args.max_tokens
+    tokens = args.rounds * n * c * w * args.max_tokens
+    print(f"concurrency {c}, {n} units of {c * w} prompt(s) x {args.max_tokens} tokens, {args.rounds} rounds")
     for m in names:
         speed = sum(secs[base]) / sum(secs[m])
         first = sum(secs[base][:half]) / sum(secs[m][:half])
         second = sum(secs[base][half:]) / sum(secs[m][half:])
-        per_prompt = statistics.median(secs[base][i] / secs[m][i] for i in range(n))
+        per_unit = statistics.median(secs[base][i] / secs[m][i] for i in range(n))
         same = sum(outs[m][i] == outs[base][i] for i in range(n))
         prop = engines[m][1]
-        print(f"{m:>10}: {tokens / sum(secs[m]):6.1f} tok/s, {speed:.3f}x {base} (prompts 1-{half} "
-              f"{first:.3f}x, {half + 1}-{n} {second:.3f}x, median per prompt {per_prompt:.3f}x), "
+        print(f"{m:>10}: {tokens / sum(secs[m]):6.1f} tok/s, {speed:.3f}x {base} (units 1-{half} "
+              f"{first:.3f}x, {half + 1}-{n} {second:.3f}x, median per unit {per_unit:.3f}x), "
               f"plain steps {getattr(prop, 'plain_steps', 0)}, outputs equal to {base}'s {same}/{n}")
+        ctl = getattr(prop, "adaptive", None)
+        if ctl is not None:
+            print(f"{'':>12}drafting steps {ctl._drafting_steps}; {ctl.describe()}")
 
 
 if __name__ == "__main__":
