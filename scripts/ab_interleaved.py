@@ -40,6 +40,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in 
 
 import numpy as np  # noqa: E402
 
+ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain")
+
 
 def ablate(proposer, ablations: list[str]) -> None:
     if not ablations:
@@ -86,18 +88,31 @@ def main() -> None:
     patches.apply_all()
     from vllm import LLM, SamplingParams
 
-    from dflash_vllm.bench.runner import BenchConfig, engine_spec
+    from dflash_vllm.bench.runner import EXTRA_MODES, MODES, BenchConfig, engine_spec
     from dflash_vllm.training.data import read_prompts
 
     prompts = read_prompts(args.prompts)
     cfg = BenchConfig(target=args.target, drafter=args.drafter, prompts=prompts, concurrency=[args.concurrency])
-    engines = {}
-    for arg in args.engines:
+    served = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    specs = []
+    for arg in args.engines:  # every engine checked before the first is built (minutes each)
         name, _, spec = arg.partition("=")
         mode, _, abl = spec.partition(":")
+        ablations = [a for a in abl.split("+") if a]
+        if not name or mode not in MODES + EXTRA_MODES:
+            raise SystemExit(f"engine {arg!r}: expected name=mode[:ablation+...], mode one of "
+                             f"{', '.join(MODES + EXTRA_MODES)}")
+        if unknown := [a for a in ablations if a not in ABLATIONS]:
+            raise SystemExit(f"engine {arg!r}: unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
+        if ablations and (served or mode != "plugin"):
+            raise SystemExit(f"engine {arg!r}: ablations need mode 'plugin' with its engine core in this process "
+                             "(VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+        if mode == "builtin" and not served:
+            raise SystemExit("mode builtin needs VLLM_ENABLE_V1_MULTIPROCESSING=1 (this process runs the plugin)")
+        specs.append((name, mode, ablations))
+    engines = {}
+    for name, mode, ablations in specs:
         if mode == "builtin":  # the engine core's processes, spawned now, leave vLLM unpatched
-            if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "1":
-                raise SystemExit("mode builtin needs VLLM_ENABLE_V1_MULTIPROCESSING=1 (this process runs the plugin)")
             os.environ["DFLASH_VLLM_DISABLE"] = "1"
         try:
             llm = LLM(**engine_spec(cfg, mode)["engine"])
@@ -106,7 +121,7 @@ def main() -> None:
         core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # None: engine core in its own process
         runner = core.model_executor.driver_worker.worker.model_runner if core is not None else None
         proposer = getattr(runner, "drafter", None)
-        ablate(proposer, [a for a in abl.split("+") if a])
+        ablate(proposer, ablations)
         engines[name] = (llm, proposer)
     c = args.concurrency
     w = args.waves or (1 if c == 1 else 4 if c <= 16 else 2)
