@@ -64,7 +64,7 @@ def ablate(proposer, ablations: list[str]) -> None:
         elif name == "noplain":
             ctl.modes.prefer_draft = lambda num_reqs, new_text=False: True
         else:
-            raise SystemExit(f"unknown ablation {name!r}: cut1, nocut, noveto, noplain, forceplain")
+            raise SystemExit(f"unknown ablation {name!r}: {', '.join(ABLATIONS)}")
 
 
 def main() -> None:
@@ -112,12 +112,19 @@ def main() -> None:
         specs.append((name, mode, ablations))
     engines = {}
     for name, mode, ablations in specs:
-        if mode == "builtin":  # the engine core's processes, spawned now, leave vLLM unpatched
-            os.environ["DFLASH_VLLM_DISABLE"] = "1"
+        spec = engine_spec(cfg, mode)
+        # the bench's environment per mode: a served engine core's processes, spawned now, read it
+        # (builtin: they leave vLLM unpatched)
+        saved = {k: os.environ.get(k) for k in spec["env"]}
+        os.environ.update(spec["env"])
         try:
-            llm = LLM(**engine_spec(cfg, mode)["engine"])
+            llm = LLM(**spec["engine"])
         finally:
-            os.environ.pop("DFLASH_VLLM_DISABLE", None)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         core = getattr(llm.llm_engine.engine_core, "engine_core", None)  # None: engine core in its own process
         runner = core.model_executor.driver_worker.worker.model_runner if core is not None else None
         proposer = getattr(runner, "drafter", None)
