@@ -157,13 +157,13 @@ def main() -> None:
     print(f"concurrency {c}, {n} units of {c * w} prompt(s) x {args.max_tokens} tokens, {args.rounds} rounds")
     for m in names:
         speed = sum(secs[base]) / sum(secs[m])
-        first = sum(secs[base][:half]) / sum(secs[m][:half])
-        second = sum(secs[base][half:]) / sum(secs[m][half:])
+        halves = (f"units 1-{half} {sum(secs[base][:half]) / sum(secs[m][:half]):.3f}x, {half + 1}-{n} "
+                  f"{sum(secs[base][half:]) / sum(secs[m][half:]):.3f}x, " if half else "")
         per_unit = statistics.median(secs[base][i] / secs[m][i] for i in range(n))
         same = sum(outs[m][i] == outs[base][i] for i in range(n))
         prop = engines[m][1]
-        print(f"{m:>10}: {tokens / sum(secs[m]):6.1f} tok/s, {speed:.3f}x {base} (units 1-{half} "
-              f"{first:.3f}x, {half + 1}-{n} {second:.3f}x, median per unit {per_unit:.3f}x), "
+        print(f"{m:>10}: {tokens / sum(secs[m]):6.1f} tok/s, {speed:.3f}x {base} ({halves}"
+              f"median per unit {per_unit:.3f}x), "
               f"plain steps {getattr(prop, 'plain_steps', 0)}, outputs equal to {base}'s {same}/{n}")
         ctl = getattr(prop, "adaptive", None)
         if ctl is not None:
