@@ -437,8 +437,10 @@ class PlainOrDraft:
         self._since[b] = n
         return best
 
-    def observe(self, num_reqs: int, drafted: bool, tokens: float, seconds: float) -> bool:
-        """One step cycle: ``num_reqs`` requests, whether drafts were sent, tokens it produced."""
+    def observe(self, num_reqs: int, drafted: bool, tokens: float, seconds: float, busy: bool = False) -> bool:
+        """One step cycle: ``num_reqs`` requests, whether drafts were sent, tokens it produced.
+        ``busy``: the engine is known to have worked throughout (a cycle that ends with a prefill
+        of new prompts is long, and no idle gap); only ``max_step_s`` bounds it."""
         if num_reqs <= 0 or not seconds > 0:
             return False
         if drafted and self._drafts_seen < self.warmup_drafts:
@@ -449,7 +451,7 @@ class PlainOrDraft:
         known = self._known(b)
         usual = max((v[0] for v in known.values()), default=None)
         # an idle gap (no requests for a while) is not a step
-        if seconds > (self.max_step_s if usual is None else 5 * tokens / usual + 1e-3):
+        if seconds > (self.max_step_s if usual is None or busy else 5 * tokens / usual + 1e-3):
             return False
         modes = self.rates.setdefault(b, {})
         for v in modes.values():  # every cycle ages both modes' figures
@@ -514,10 +516,11 @@ class AdaptiveController:
         self.declined = False
         self.plain_after_veto = plain_after_veto
         self._vetoed: dict[int, int] = {}  # batch-size bucket -> consecutive vetoes
-        # A batch whose every request the cost model chose keeps that choice for ``reselect_every``
-        # steps (the rule's inputs move slowly; at one request it cost ~3% of a CPU step).
+        # A batch whose every request the cost model chose, or none, keeps that choice for
+        # ``reselect_every`` steps (the rule's inputs move slowly; at one request it cost ~3% of a
+        # CPU step, and ~4% of each plain step at 16 requests on CPU while it vetoed every one).
         self.reselect_every = reselect_every
-        self._kept: tuple[tuple, int] | None = None  # (batch key, steps it is still kept for)
+        self._kept: tuple[tuple, int, bool] | None = None  # (batch key, steps still kept for, all chosen)
         # Steps of vLLM's speculative path only (drafts verified or not: the rejection sampler, the
         # aux-state gather and the drafter's context pass are paid whatever is sent). Plain steps run
         # a cheaper path: mixed in, at one request on CPU they made the first draft of a step look
@@ -530,24 +533,37 @@ class AdaptiveController:
         self.requests = RequestFactors()
         self.modes = PlainOrDraft()
         self._last_end: float | None = None
-        self._cycle: tuple[float, int, int] | None = None  # (start, requests, tokens sent to verify)
+        # (start, requests, tokens sent to verify, plain mode, request ids)
+        self._cycle: tuple[float, int, int, bool, list[str] | None] | None = None
         self._drafted_ids: dict[int, frozenset] = {}  # batch-size bucket -> requests of its last drafting step
 
-    def close_cycle(self, now: float, num_tokens: int, accepted: int) -> None:
-        """At the start of a step: the previous step's cycle produced one token per request plus the
-        drafts vLLM accepted. A cycle whose next step also prefilled new prompts is not counted."""
+    def close_cycle(self, now: float, num_tokens: int, accepted: int, req_ids: list[str] | None = None) -> None:
+        """At the start of a step (``num_tokens`` scheduled, ``req_ids`` its requests): the previous
+        step's cycle produced one token per request plus the drafts vLLM accepted.
+
+        A cycle whose next step also prefills new prompts counts when that step continues one of
+        the cycle's requests: the engine was busy throughout, and the prefill is a cost of the mode
+        as much as the decoding (drafting writes the prompt's context, verifies a larger step, and
+        its requests finish unevenly, so they are admitted, and prefill, one by one). Left out, at
+        16 requests on CPU drafting measured ~10% above plain decoding on the cycles counted while
+        the engine ran ~10% slower than one decoding plainly. Without a continuing request (or
+        request ids) the cycle may hold an idle wait for new requests, and is not counted."""
         if self._cycle is not None:
-            start, num_reqs, verify_tokens, plain = self._cycle
+            start, num_reqs, verify_tokens, plain, ids = self._cycle
             if num_tokens <= verify_tokens:
                 self.modes.observe(num_reqs, not plain, num_reqs + accepted, now - start)
+            elif ids is not None and req_ids is not None and not set(ids).isdisjoint(req_ids):
+                self.modes.observe(num_reqs, not plain, num_reqs + accepted, now - start, busy=True)
         self._cycle = None
 
-    def open_cycle(self, now: float, num_reqs: int, num_drafts: int, plain: bool = False) -> None:
+    def open_cycle(self, now: float, num_reqs: int, num_drafts: int, plain: bool = False,
+                   req_ids: list[str] | None = None) -> None:
         """A step cycle starts: ``plain`` for the mode that decodes plainly, else drafting, whatever
         ``num_drafts`` (a drafting step whose drafts were all cut, or the step that hands over to
         plain decoding and writes the last verified tokens' context, is a cost of drafting: counted
-        as plain, such cycles made plain decoding look ~1.5x dearer than it is at 16 requests)."""
-        self._cycle = (now, num_reqs, num_reqs + num_drafts, plain)
+        as plain, such cycles made plain decoding look ~1.5x dearer than it is at 16 requests).
+        ``req_ids``: the step's requests (kept as given, not copied)."""
+        self._cycle = (now, num_reqs, num_reqs + num_drafts, plain, req_ids)
 
     def begin_step(self, now: float, num_tokens: int, plain: bool = False) -> None:
         """The target step that just ran took ``now`` minus the last ``end_step``; ``plain``: it ran
@@ -573,13 +589,13 @@ class AdaptiveController:
         self._mode_checked = self.modes.prefer_draft(num_reqs, new_text)
         return self._mode_checked
 
-    def plain_step(self, now: float, num_reqs: int, num_tokens: int) -> None:
+    def plain_step(self, now: float, num_reqs: int, num_tokens: int, req_ids: list[str] | None = None) -> None:
         """Account for a plain step the drafter sat out (cycle rate, plain step cost at ``num_tokens``)."""
         self._mode_checked = False
-        self.close_cycle(now, num_tokens, 0)
+        self.close_cycle(now, num_tokens, 0, req_ids)
         self.begin_step(now, num_tokens, plain=True)
         self.end_step(now)
-        self.open_cycle(now, num_reqs, 0, plain=True)
+        self.open_cycle(now, num_reqs, 0, plain=True, req_ids=req_ids)
 
     def _draft_seconds(self, query_tokens) -> np.ndarray:
         if not self.draft_cost.known():
@@ -616,26 +632,33 @@ class AdaptiveController:
             # drafter's confidences, still chooses what is sent)
             return caps > 0
         key = (tuple(req_ids), caps.tobytes())
-        if self._kept is not None and self._kept[0] == key and self._kept[1] > 0:
-            self._kept = (key, self._kept[1] - 1)
-            return caps > 0
-        self._kept = None
-        self.requests.prune(req_ids)
-        k = self.max_drafts
-        curve = np.cumprod(self.calibrator.position_rates(k))
-        gains = np.minimum(self.requests.factors(req_ids)[:, None] * curve[None], 0.999)
-        gains = np.where(np.arange(k)[None] >= caps[:, None], 0.0, gains)
-        sel = choose_requests(gains, self.step_cost.cost, self._draft_seconds, block_tokens)
+        kept = self._kept
+        if kept is not None and kept[0] == key and kept[1] > 0:
+            self._kept = (key, kept[1] - 1, kept[2])
+            if kept[2]:
+                return caps > 0
+            sel = np.zeros(len(req_ids), dtype=bool)  # the veto stands (and counts as one, below)
+        else:
+            self._kept = None
+            self.requests.prune(req_ids)
+            k = self.max_drafts
+            curve = np.cumprod(self.calibrator.position_rates(k))
+            gains = np.minimum(self.requests.factors(req_ids)[:, None] * curve[None], 0.999)
+            gains = np.where(np.arange(k)[None] >= caps[:, None], 0.0, gains)
+            sel = choose_requests(gains, self.step_cost.cost, self._draft_seconds, block_tokens)
         b = PlainOrDraft.bucket(len(req_ids))
         if sel.any():
             self._vetoed[b] = 0
             if self.reselect_every > 1 and np.array_equal(sel, caps > 0):
-                self._kept = (key, self.reselect_every - 1)
+                self._kept = (key, self.reselect_every - 1, True)
         elif caps.any():
             self._vetoed[b] = self._vetoed.get(b, 0) + 1
             if self._vetoed[b] >= self.explore_every:  # re-measure what drafting costs here
                 self._vetoed[b] = 0
                 sel = caps > 0
+                self._kept = None
+            elif self._kept is None and self.reselect_every > 1:
+                self._kept = (key, self.reselect_every - 1, False)
         self.declined = not sel.any() and self._vetoed.get(b, 0) >= self.plain_after_veto
         self.requests.idle([rid for rid, s, c in zip(req_ids, sel, caps, strict=True) if not s and c > 0])
         return sel

@@ -107,6 +107,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self.plain = self._force_plain
         self._backlog = ContextBacklog(self.options.backfill_tokens) if self._plain_ok else None
         self.plain_steps = 0  # steps run as plain decoding so far
+        self._ones = np.ones(0, dtype=np.int64)  # tokens per request of a plain decoding step
         self._resumed = False  # the step propose is called for ran plain (stay_plain chose to draft)
         self._sync = device.type == "cuda"
         self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
@@ -118,6 +119,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self._preselected: tuple[list[str], np.ndarray] | None = None  # stay_plain's choice for propose
         self._profiling = False
         self._steps = 0
+        self._describe_every = max(1, int(os.environ.get("DFLASH_DESCRIBE_EVERY", 500)))  # steps between debug logs
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         kernels = self.options.kernels
         if kernels == "triton" and not triton_usable(device):
@@ -220,7 +222,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             resumed, self._resumed = self._resumed, False  # this step ran plain; drafting resumes
             ctl.begin_step(t_begin, cad.num_actual_tokens, plain=resumed)
             self._steps += 1
-            if self._steps % int(os.environ.get("DFLASH_DESCRIBE_EVERY", 500)) == 0:
+            if self._steps % self._describe_every == 0:
                 logger.debug("dflash-vllm adaptive: %s", ctl.describe())
 
         # KV injection for every target token of the step (below; also when no drafts are wanted).
@@ -241,7 +243,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         if req_ids is not None:
             accepted = self._learn_from_last_step(req_ids, cad, num_rejected_tokens_gpu)
             if ctl is not None:
-                ctl.close_cycle(t_begin, cad.num_actual_tokens, accepted)
+                ctl.close_cycle(t_begin, cad.num_actual_tokens, accepted, req_ids)
             caps = self._request_caps(req_ids, k)
         caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
         drafting = k > 0 and bool(caps_np.max(initial=0) > 0) and not self._profiling
@@ -271,7 +273,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if ctl is not None:
                 ctl.end_step(self._now())
                 # declined with plain steps off: the mode that decodes plainly takes this very path
-                ctl.open_cycle(t_begin, num_reqs, 0, plain=declined and not self._plain_ok)
+                ctl.open_cycle(t_begin, num_reqs, 0, plain=declined and not self._plain_ok, req_ids=req_ids)
             # plain steps from the next one on: each asks the controller again (stay_plain), so
             # drafting resumes as soon as it pays, without a speculative step to find out
             self.plain = self._plain_ok and declined
@@ -318,7 +320,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if n and ctl is not None:  # the calibration learns from these next step
                 self._sent[req_ids[i]] = (conf[j, :n], n)
         if ctl is not None:
-            ctl.open_cycle(t_begin, num_reqs, int(np.sum(lengths)))
+            ctl.open_cycle(t_begin, num_reqs, int(np.sum(lengths)), req_ids=req_ids)
         return out
 
     def stay_plain(self, num_reqs: int, num_tokens: int, aux_hidden_states: list[torch.Tensor] | None = None,
@@ -337,15 +339,21 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self.plain = False
             self._resumed = True
             return False
-        ctl.plain_step(self._now(), num_reqs, num_tokens)
+        req_ids = self._runner.input_batch.req_ids[:num_reqs]
+        ctl.plain_step(self._now(), num_reqs, num_tokens, req_ids)
         if self._backlog is not None and aux_hidden_states is not None and positions is not None and cad is not None:
-            counts = np.diff(cad.query_start_loc_cpu[: num_reqs + 1].numpy())
-            self._backlog.record(aux_hidden_states, positions, self._runner.input_batch.req_ids[:num_reqs], counts)
+            if num_tokens == num_reqs:  # decoding: one token each (a shared array: the backlog never changes it)
+                if len(self._ones) != num_reqs:
+                    self._ones = np.ones(num_reqs, dtype=np.int64)
+                counts = self._ones
+            else:
+                counts = np.diff(cad.query_start_loc_cpu[: num_reqs + 1].numpy())
+            self._backlog.record(aux_hidden_states, positions, req_ids, counts, num_tokens)
         if not self.plain_steps:
             logger.info("dflash-vllm: drafting does not pay at %d requests: plain decoding steps until it "
                         "does (re-measured now and then)", num_reqs)
         self.plain_steps += 1
-        if self.plain_steps % int(os.environ.get("DFLASH_DESCRIBE_EVERY", 500)) == 0:
+        if self.plain_steps % self._describe_every == 0:
             logger.debug("dflash-vllm adaptive (plain): %s", ctl.describe())
         return True
 

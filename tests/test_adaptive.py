@@ -546,3 +546,60 @@ def test_plain_steps_follow_a_run_of_vetoes_or_the_measured_rates_at_once():
         ctl.modes.observe(16, True, 16, 0.02)
         ctl.modes.observe(16, False, 16, 0.01)
     assert not ctl.select(ids[:16], full[:16], 8).any() and ctl.declined
+
+
+def test_prefill_cycles_under_load_are_a_cost_of_their_mode():
+    """Drafting's own cycles (56 tokens in 30 ms, 1870 tokens/s) beat plain ones (16 in 9 ms,
+    1780 tokens/s), but its requests finish unevenly and every 4th cycle ends with a prefill of a
+    new prompt (+20 ms) beside the running requests: 1500 tokens/s over all cycles. Those cycles
+    count, so plain decoding is chosen. A cycle whose next step runs none of its requests (the
+    engine may have waited idle for them) is not counted."""
+    ids = [f"r{i}" for i in range(16)]
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.modes.warmup_drafts = 0
+    now, fresh = 0.0, 0
+    for i in range(40):
+        ctl.close_cycle(now, 16, 0, ids)  # plain steps
+        ctl.open_cycle(now, 16, 0, plain=True, req_ids=ids)
+        now += 0.009
+    for i in range(40):
+        if i % 4 == 3:  # a request finished last step: its successor prefills 100 prompt tokens
+            ids = ids[1:] + [f"new{fresh}"]
+            fresh += 1
+            ctl.close_cycle(now + 0.02, 15 + 100 + 15 * 3, 40, ids)
+            now += 0.02
+        else:
+            ctl.close_cycle(now, 16 * 4, 40, ids)
+        ctl.open_cycle(now, 16, 48, req_ids=ids)
+        now += 0.03
+    rates = ctl.modes.rates[ctl.modes.bucket(16)]
+    assert rates["draft"][0] == pytest.approx(56 / (0.03 + 0.02 / 4), rel=0.03)
+    assert not ctl.modes.prefer_draft(16)
+    # a whole new batch after the last step: maybe an idle wait, not counted
+    cycles = rates["draft"][1]
+    ctl.close_cycle(now + 1.0, 16 * 100, 0, [f"idle{i}" for i in range(16)])
+    assert rates["draft"][1] == cycles
+
+
+def test_a_vetoed_batch_keeps_its_veto_for_a_few_steps(monkeypatch):
+    """The cost model's veto of a batch stands for ``reselect_every`` steps of that same batch (the
+    rule runs on every plain step while the measured rates prefer drafting); a changed batch is
+    judged afresh, and the kept vetoes still count towards re-measuring the drafter."""
+    import dflash_vllm.adaptive as adaptive
+
+    calls = []
+    real = adaptive.choose_requests
+    monkeypatch.setattr(adaptive, "choose_requests", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ctl = AdaptiveController(max_drafts=7, explore_every=16, reselect_every=8)
+    ctl.step_cost.set_profile({1: 5e-3, 8: 5.5e-3, 64: 20e-3})
+    for _ in range(ctl.warmup_drafts + 2):
+        ctl.end_step(0.0, 4, 32, 1.0)  # a drafter priced at a second a pass
+    batch, caps = ["a", "b", "c", "d"], np.full(4, 7)
+    assert not any(ctl.select(batch, caps, 8).any() for _ in range(8))
+    assert len(calls) == 1 and ctl.declined, "one judgement for 8 steps; plain steps follow"
+    ctl.select(batch, caps, 8)
+    assert len(calls) == 2, "judged again after 8 steps"
+    ctl.select(batch[:3], caps[:3], 8)
+    assert len(calls) == 3, "another batch: judged afresh"
+    picks = [bool(ctl.select(batch[:3], caps[:3], 8).any()) for _ in range(16)]
+    assert picks.count(True) == 1, "every 16th veto in a row re-measures the drafter, kept ones included"

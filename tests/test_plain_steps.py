@@ -27,6 +27,7 @@ def _proposer(num_reqs: int) -> DFlashVllmProposer:
     p._force_plain = False
     p.plain = True
     p.plain_steps = 0
+    p._describe_every = 500
     ctl = p.adaptive = AdaptiveController(max_drafts=K)
     ctl.step_cost.set_profile({1: 5e-3, 8: 6e-3, 64: 20e-3, 512: 150e-3})
     for _ in range(50):  # first drafts accepted 60% of the time
@@ -66,3 +67,31 @@ def test_forced_plain_steps_never_draft():
     p._force_plain = True
     assert all(p.stay_plain(1, 1) for _ in range(50)) and p._preselected is None
     assert p.plain_steps == 50
+
+
+def test_plain_steps_record_the_drafters_context_for_when_drafting_resumes():
+    """Each plain step keeps its tokens' target features and positions, per request, whether the
+    step decodes (one token each) or also prefills a prompt chunk."""
+    import torch
+
+    from dflash_vllm.context_backlog import ContextBacklog
+
+    p = _proposer(2)
+    p._force_plain = True
+    p._ones = np.ones(0, dtype=np.int64)
+    p._backlog = ContextBacklog(capacity=64)
+
+    def step(counts, first):
+        qsl = torch.tensor(np.concatenate(([0], np.cumsum(counts))), dtype=torch.int32)
+        pos = torch.cat([torch.arange(f, f + c) for f, c in zip(first, counts, strict=True)])
+        aux = [pos[:, None].float().expand(-1, 4) + 1000 * j for j in range(2)]  # layer j: position + 1000 j
+        cad = SimpleNamespace(query_start_loc_cpu=qsl)
+        assert p.stay_plain(2, int(sum(counts)), aux, pos, cad) is True
+
+    step([3, 1], [0, 7])  # r0 prefills 3 tokens, r1 decodes
+    step([1, 1], [3, 8])
+    step([1, 1], [4, 9])
+    feats, pos, rows = p._backlog.take({"r1": 0, "r0": 1})
+    assert pos.tolist() == [0, 1, 2, 7, 3, 8, 4, 9]
+    assert rows.tolist() == [1, 1, 1, 0, 1, 0, 1, 0]
+    assert torch.equal(feats[:, 0], pos.float()) and torch.equal(feats[:, 4], pos.float() + 1000)
