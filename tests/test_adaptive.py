@@ -558,7 +558,7 @@ def test_prefill_cycles_under_load_are_a_cost_of_their_mode():
     ctl = AdaptiveController(max_drafts=7)
     ctl.modes.warmup_drafts = 0
     now, fresh = 0.0, 0
-    for i in range(40):
+    for _ in range(40):
         ctl.close_cycle(now, 16, 0, ids)  # plain steps
         ctl.open_cycle(now, 16, 0, plain=True, req_ids=ids)
         now += 0.009
