@@ -339,7 +339,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self.plain = False
             self._resumed = True
             return False
-        req_ids = self._runner.input_batch.req_ids[:num_reqs]
+        req_ids = self._batch_req_ids(num_reqs)
         ctl.plain_step(self._now(), num_reqs, num_tokens, req_ids)
         if self._backlog is not None and aux_hidden_states is not None and positions is not None and cad is not None:
             if num_tokens == num_reqs:  # decoding: one token each (a shared array: the backlog never changes it)
