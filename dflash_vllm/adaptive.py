@@ -148,8 +148,10 @@ class AcceptanceCalibrator:
     """P(draft ``i`` accepted | drafts ``< i`` accepted) from the drafter's confidence in it.
 
     Counts per (position, confidence bin), shrunk toward the same bin pooled over positions, and
-    that toward the confidence itself, while they have few observations. Old counts are halved when a position has seen ``horizon`` attempts, so the
-    estimate follows the traffic.
+    that toward the confidence itself, while they have few observations. Old counts are halved when
+    a position has seen ``horizon`` attempts, so the estimate follows the traffic. Drafts sent with
+    no confidence (a lone drafting request: no cut reads them, so none is computed) count toward
+    their position's pooled rate (``position_rates``) and no bin.
     """
 
     def __init__(self, num_positions: int, bins: int = 10, prior_strength: float = 4.0,
@@ -160,6 +162,10 @@ class AcceptanceCalibrator:
         self.horizon = horizon
         self.attempts = np.zeros((num_positions, bins), dtype=np.float64)
         self.accepts = np.zeros((num_positions, bins), dtype=np.float64)
+        # drafts sent without a confidence (NaN: none was computed, as no cut would read it) count
+        # toward their position's rate only
+        self.unbinned_attempts = np.zeros(num_positions, dtype=np.float64)
+        self.unbinned_accepts = np.zeros(num_positions, dtype=np.float64)
 
     def _bin(self, conf: np.ndarray) -> np.ndarray:
         return np.minimum((np.clip(conf, 0, 1) * self.bins).astype(np.int64), self.bins - 1)
@@ -178,14 +184,15 @@ class AcceptanceCalibrator:
 
     def position_rates(self, k: int) -> np.ndarray:
         """[k] per-position conditional acceptance, all confidences pooled (the pre-draft view)."""
-        att, acc = self.attempts[:k].sum(1), self.accepts[:k].sum(1)
+        att = self.attempts[:k].sum(1) + self.unbinned_attempts[:k]
+        acc = self.accepts[:k].sum(1) + self.unbinned_accepts[:k]
         s = self.prior_strength
         return np.clip((acc + s * self.prior_rate) / (att + s), 0.0, 0.999)
 
     def observe(self, conf, lengths, accepted) -> None:
-        """``conf`` [R, K] confidences of the drafts sent, ``lengths`` [R] how many were sent,
-        ``accepted`` [R] how many vLLM accepted. Draft ``i`` was tried iff ``i <= accepted`` and
-        ``i < length``; it was accepted iff ``i < accepted``."""
+        """``conf`` [R, K] confidences of the drafts sent (NaN where none was computed),
+        ``lengths`` [R] how many were sent, ``accepted`` [R] how many vLLM accepted. Draft ``i`` was
+        tried iff ``i <= accepted`` and ``i < length``; it was accepted iff ``i < accepted``."""
         conf = np.asarray(conf, dtype=np.float64)
         if conf.size == 0:
             return
@@ -193,13 +200,21 @@ class AcceptanceCalibrator:
         i = np.arange(conf.shape[1])[None]
         tried = (i <= accepted) & (i < lengths)
         ok = tried & (i < accepted)
+        unknown = np.isnan(conf)
+        if unknown.any():
+            np.add.at(self.unbinned_attempts, np.broadcast_to(i, conf.shape)[tried & unknown], 1.0)
+            np.add.at(self.unbinned_accepts, np.broadcast_to(i, conf.shape)[ok & unknown], 1.0)
+            tried, ok = tried & ~unknown, ok & ~unknown
+            conf = np.where(unknown, 0.0, conf)
         cell = np.broadcast_to(i, conf.shape) * self.bins + self._bin(conf)
         np.add.at(self.attempts.reshape(-1), cell[tried], 1.0)
         np.add.at(self.accepts.reshape(-1), cell[ok], 1.0)
-        full = self.attempts.sum(1) > self.horizon
+        full = self.attempts.sum(1) + self.unbinned_attempts > self.horizon
         if full.any():
             self.attempts[full] *= 0.5
             self.accepts[full] *= 0.5
+            self.unbinned_attempts[full] *= 0.5
+            self.unbinned_accepts[full] *= 0.5
 
 
 def _best_prefix(gains: np.ndarray, num_reqs: int, base_tokens: int, step_cost: CostFn,

@@ -108,6 +108,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self._backlog = ContextBacklog(self.options.backfill_tokens) if self._plain_ok else None
         self.plain_steps = 0  # steps run as plain decoding so far
         self._ones = np.ones(0, dtype=np.int64)  # tokens per request of a plain decoding step
+        self._full_caps = np.zeros(0, dtype=np.int64)  # every request's cap when none sets its own
         self._resumed = False  # the step propose is called for ran plain (stay_plain chose to draft)
         self._sync = device.type == "cuda"
         self._caps: dict[str, int] = {}  # req_id -> per-request draft cap (extra_args)
@@ -245,8 +246,14 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if ctl is not None:
                 ctl.close_cycle(t_begin, cad.num_actual_tokens, accepted, req_ids)
             caps = self._request_caps(req_ids, k)
-        caps_np = np.full(num_reqs, k, dtype=np.int64) if caps is None else caps
-        drafting = k > 0 and bool(caps_np.max(initial=0) > 0) and not self._profiling
+        if caps is None:  # every request drafts up to k (an array kept per batch size: this runs every step)
+            if self._full_caps.shape != (num_reqs,) or (num_reqs and self._full_caps[0] != k):
+                self._full_caps = np.full(num_reqs, k, dtype=np.int64)
+            caps_np = self._full_caps
+            drafting = k > 0 and num_reqs > 0 and not self._profiling
+        else:
+            caps_np = caps
+            drafting = k > 0 and bool(caps_np.max(initial=0) > 0) and not self._profiling
         rows = None  # requests the block pass runs for; None: all of them
         declined = False  # the controller chose plain decoding for the steps to come (ctl.declined)
         pre, self._preselected = self._preselected, None
@@ -290,8 +297,11 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         t_draft = self._now() if ctl is not None else 0.0
         num_drafted = num_reqs if rows is None else len(rows)
         hidden = self._block_forward(cad, inputs, rows, k)
-        drafts, conf, draft_probs = self._select(hidden[inputs.sample_indices[: num_drafted * k]],
-                                                 sampling_metadata, need_conf=ctl is not None)
+        # the drafter's confidences feed the cut, which runs from ``cut_from_reqs`` drafting
+        # requests on; below it they are not computed (a softmax normaliser over the vocabulary
+        # per draft: ~100 us of a ~5 ms drafting step at 1 request on CPU, 7 drafts of 4,096)
+        drafts, conf, draft_probs = self._select(hidden[inputs.sample_indices[: num_drafted * k]], sampling_metadata,
+                                                 need_conf=ctl is not None and num_drafted >= ctl.cut_from_reqs)
         drafts = drafts.view(num_drafted, k)
         if draft_probs is not None:  # sampled drafting: vLLM reads row i's first len(drafts[i])
             probs = draft_probs.view(num_drafted, k, -1)
@@ -304,23 +314,29 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         if req_ids is None or (ctl is None and caps is None):  # fixed [R, K]: vLLM takes the tensor
             return drafts
 
-        conf = (np.zeros((num_drafted, k)) if conf is None  # fixed lengths with per-request caps
-                else conf.view(num_drafted, k).float().cpu().numpy())
+        # None: no confidence computed (fixed lengths, or a lone drafting request, which the
+        # calibration counts unbinned)
+        if conf is not None:
+            conf = conf.view(num_drafted, k).float().cpu().numpy()
         drafted = range(num_reqs) if rows is None else rows.tolist()
+        caps_sent = caps_np if rows is None else caps_np[rows]
         if ctl is not None:
             now = self._now()
-            lengths = ctl.cut(conf, caps_np[drafted], draft_seconds=now - t_draft)
+            # a lone drafting request sends what its cap allows, uncut (AdaptiveController.cut)
+            lengths = (caps_sent if conf is None or num_drafted < ctl.cut_from_reqs
+                       else ctl.cut(conf, caps_sent, draft_seconds=now - t_draft))
             ctl.end_step(now, num_drafted, num_drafted * (1 + k), now - t_draft)
         else:
-            lengths = caps_np[drafted]
+            lengths = caps_sent
         out: list[list[int]] = [[] for _ in range(num_reqs)]
-        for j, (i, row) in enumerate(zip(drafted, drafts.cpu().tolist(), strict=True)):
-            n = int(lengths[j])
+        total = 0
+        for j, (i, row, n) in enumerate(zip(drafted, drafts.cpu().tolist(), lengths.tolist(), strict=True)):
             out[i] = row[:n]
+            total += n
             if n and ctl is not None:  # the calibration learns from these next step
-                self._sent[req_ids[i]] = (conf[j, :n], n)
+                self._sent[req_ids[i]] = (None if conf is None else conf[j, :n], n)
         if ctl is not None:
-            ctl.open_cycle(t_begin, num_reqs, int(np.sum(lengths)), req_ids=req_ids)
+            ctl.open_cycle(t_begin, num_reqs, total, req_ids=req_ids)
         return out
 
     def stay_plain(self, num_reqs: int, num_tokens: int, aux_hidden_states: list[torch.Tensor] | None = None,
@@ -456,7 +472,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         k = self.num_speculative_tokens
         confs = np.zeros((len(outcomes), k))
         for j, (c, n, _, _) in enumerate(outcomes):
-            confs[j, :n] = c
+            confs[j, :n] = np.nan if c is None else c  # NaN: sent without a confidence
         self.adaptive.observe_outcomes(confs, np.array([o[1] for o in outcomes]), np.array([o[2] for o in outcomes]),
                                        [o[3] for o in outcomes])
 

@@ -199,6 +199,19 @@ def test_calibrator_learns_what_vllm_accepts():
     assert rates[0] < rates[1], "position 0 saw the rejections, later positions only acceptances"
 
 
+def test_calibrator_counts_drafts_sent_without_a_confidence_toward_their_position_only():
+    # a lone drafting request sends its drafts uncut, and no confidence is computed for them
+    cal = AcceptanceCalibrator(num_positions=3, prior_strength=1.0, prior_rate=0.7)
+    for _ in range(100):  # draft 0 accepted, draft 1 rejected, draft 2 never tried
+        cal.observe(np.full((1, 3), np.nan), [3], [1])
+    rates = cal.position_rates(3)
+    assert rates[0] > 0.95 and rates[1] < 0.05 and rates[2] == pytest.approx(0.7)
+    assert cal.attempts.sum() == 0, "no confidence bin learnt from them"
+    assert cal.estimate(np.full((1, 3), 0.5)) == pytest.approx(np.full((1, 3), 0.5))
+    cal.observe(np.array([[0.95, np.nan, 0.2]]), [3], [3])  # a row may mix both
+    assert cal.attempts[0].sum() == 1 and cal.attempts[2].sum() == 1 and cal.unbinned_attempts[1] == 101
+
+
 def test_controller_stops_and_resumes_with_load():
     ctl = AdaptiveController(max_drafts=7)
     ctl.step_cost.set_profile({1: 5e-3, 8: 6e-3, 64: 20e-3, 512: 150e-3})
