@@ -501,8 +501,15 @@ class AdaptiveController:
 
     def __init__(self, max_drafts: int, warmup_drafts: int = 3, explore_every: int = 128,
                  full_every: int = 32, plain_after_veto: int = 8, reselect_every: int = 8,
-                 cut_from_reqs: int = 2):
+                 cut_from_reqs: int = 2, defer_every: int = 1):
         self.max_drafts = max_drafts
+        # Timings (step, drafter and cycle times) wait in a list and are folded into the estimates
+        # ``defer_every`` at a time (1: at once). Folded each step, right after the model's tensor
+        # work, the estimators' Python ran several times slower than warm (~80 us of a ~5 ms
+        # drafting step at one request on CPU: caches the model evicted); a batch runs warm after
+        # its first. The choices then read estimates a few steps old.
+        self.defer_every = defer_every
+        self._deferred: list[tuple] = []
         # The cut runs when at least ``cut_from_reqs`` requests draft; a lone one sends every draft
         # its cap allows. One request's drafts are as cheap to verify as drafts get (on a GPU the
         # step is memory-bound, on CPU its fixed costs dwarf them), so the cut has little to save,
@@ -535,7 +542,8 @@ class AdaptiveController:
         # ``reselect_every`` steps (the rule's inputs move slowly; at one request it cost ~3% of a
         # CPU step, and ~4% of each plain step at 16 requests on CPU while it vetoed every one).
         self.reselect_every = reselect_every
-        self._kept: tuple[tuple, int, bool] | None = None  # (batch key, steps still kept for, all chosen)
+        # (batch key, steps still kept for, the requests chosen: all, or none for a veto)
+        self._kept: tuple[tuple, int, np.ndarray] | None = None
         # Steps of vLLM's speculative path only (drafts verified or not: the rejection sampler, the
         # aux-state gather and the drafter's context pass are paid whatever is sent). Plain steps run
         # a cheaper path: mixed in, at one request on CPU they made the first draft of a step look
@@ -569,9 +577,9 @@ class AdaptiveController:
         if self._cycle is not None:
             start, num_reqs, verify_tokens, plain, ids = self._cycle
             if num_tokens <= verify_tokens:
-                self.modes.observe(num_reqs, not plain, num_reqs + accepted, now - start)
+                self._note(self.modes.observe, num_reqs, not plain, num_reqs + accepted, now - start, False)
             elif ids is not None and req_ids is not None and not set(ids).isdisjoint(req_ids):
-                self.modes.observe(num_reqs, not plain, num_reqs + accepted, now - start, busy=True)
+                self._note(self.modes.observe, num_reqs, not plain, num_reqs + accepted, now - start, True)
         self._cycle = None
 
     def open_cycle(self, now: float, num_reqs: int, num_drafts: int, plain: bool = False,
@@ -587,14 +595,25 @@ class AdaptiveController:
         """The target step that just ran took ``now`` minus the last ``end_step``; ``plain``: it ran
         vLLM's plain decoding path."""
         if self._last_end is not None:
-            (self.plain_cost if plain else self.step_cost).observe(num_tokens, now - self._last_end)
+            self._note((self.plain_cost if plain else self.step_cost).observe, num_tokens, now - self._last_end)
 
     def end_step(self, now: float, num_reqs: int = 0, draft_tokens: int = 0, draft_seconds: float = 0.0) -> None:
         self._last_end = now
         if draft_tokens:
             self._drafting_steps += 1
             if self._drafting_steps > self.warmup_drafts:
-                self.draft_cost.observe(draft_tokens, draft_seconds)
+                self._note(self.draft_cost.observe, draft_tokens, draft_seconds)
+
+    def _note(self, observe, *args) -> None:
+        self._deferred.append((observe, args))
+        if len(self._deferred) >= self.defer_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Fold the waiting timings into the estimates, in the order they were taken."""
+        pending, self._deferred = self._deferred, []
+        for observe, args in pending:
+            observe(*args)
 
     def wants_draft(self, num_reqs: int, req_ids: list[str] | None = None) -> bool:
         """After a plain step (the drafter idle): whether the next one drafts. Asked once per step;
@@ -653,8 +672,8 @@ class AdaptiveController:
         kept = self._kept
         if kept is not None and kept[0] == key and kept[1] > 0:
             self._kept = (key, kept[1] - 1, kept[2])
-            if kept[2]:
-                return caps > 0
+            if kept[2].any():
+                return kept[2]  # the same array each step (callers never write to it)
             sel = np.zeros(len(req_ids), dtype=bool)  # the veto stands (and counts as one, below)
         else:
             self._kept = None
@@ -668,7 +687,7 @@ class AdaptiveController:
         if sel.any():
             self._vetoed[b] = 0
             if self.reselect_every > 1 and np.array_equal(sel, caps > 0):
-                self._kept = (key, self.reselect_every - 1, True)
+                self._kept = (key, self.reselect_every - 1, sel)
         elif caps.any():
             self._vetoed[b] = self._vetoed.get(b, 0) + 1
             if self._vetoed[b] >= self.explore_every:  # re-measure what drafting costs here
@@ -676,13 +695,14 @@ class AdaptiveController:
                 sel = caps > 0
                 self._kept = None
             elif self._kept is None and self.reselect_every > 1:
-                self._kept = (key, self.reselect_every - 1, False)
+                self._kept = (key, self.reselect_every - 1, sel)
         self.declined = not sel.any() and self._vetoed.get(b, 0) >= self.plain_after_veto
         self.requests.idle([rid for rid, s, c in zip(req_ids, sel, caps, strict=True) if not s and c > 0])
         return sel
 
     def describe(self) -> str:
         """One line of the controller's current estimates (for logs)."""
+        self.flush()
         def pts(m: StepCostModel) -> str:
             return " ".join(f"{n:.0f}:{1e3 * s:.1f}" for n, s in m.points())
         modes = " ".join(f"{2 ** (b / 2):.0f}:" + "/".join(f"{m}={v[0]:.0f}({v[1]:.0f})" for m, v in sorted(d.items()))

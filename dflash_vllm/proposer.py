@@ -55,6 +55,7 @@ DUMP_STEPS = 8
 
 # Steps between two updates of the adaptive calibration (outcomes are batched; see _outcomes).
 LEARN_EVERY = 8
+DEFER_TIMINGS = 24  # timings folded into the controller's estimates at a time (~8 steps' worth)
 MAX_PENDING_OUTCOMES = 256
 
 
@@ -95,7 +96,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         # Variable draft lengths (adaptive cut, per-request caps) go back to vLLM as lists, which
         # its synchronous scheduler takes; under async scheduling drafts stay a fixed-size tensor.
         self.variable_lengths = not vllm_config.scheduler_config.async_scheduling and runner is not None
-        self.adaptive = (AdaptiveController(self.num_speculative_tokens)
+        self.adaptive = (AdaptiveController(self.num_speculative_tokens, defer_every=DEFER_TIMINGS)
                          if self.options.adaptive and self.variable_lengths else None)
         # While drafting does not pay at the current load, whole steps run as plain decoding (the
         # runner reads ``plain``; patches.py "plain-steps"). Not for hybrid targets, whose recurrent

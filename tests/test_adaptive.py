@@ -616,3 +616,25 @@ def test_a_vetoed_batch_keeps_its_veto_for_a_few_steps(monkeypatch):
     assert len(calls) == 3, "another batch: judged afresh"
     picks = [bool(ctl.select(batch[:3], caps[:3], 8).any()) for _ in range(16)]
     assert picks.count(True) == 1, "every 16th veto in a row re-measures the drafter, kept ones included"
+
+
+def test_deferred_timings_fold_into_the_same_estimates_in_order():
+    now, deferred = AdaptiveController(max_drafts=7), AdaptiveController(max_drafts=7, defer_every=24)
+    rng = np.random.default_rng(0)
+    t = 0.0
+    for step in range(40):
+        n, secs, draft_secs = int(rng.integers(1, 64)), float(rng.uniform(2e-3, 9e-3)), float(rng.uniform(5e-4, 2e-3))
+        accepted = int(rng.integers(0, 3))
+        for ctl in (now, deferred):
+            ctl.begin_step(t + secs, n)
+            ctl.close_cycle(t + secs, n, accepted, ["a", "b"])
+            ctl.end_step(t + secs + draft_secs, 2, 16, draft_secs)
+            ctl.open_cycle(t + secs + draft_secs, 2, 6, req_ids=["a", "b"])
+        t += secs + draft_secs
+        if step == 2:
+            assert now.step_cost.online and not deferred.step_cost.online, "nothing folded before the 24th timing"
+    assert len(deferred._deferred) < 24
+    deferred.flush()
+    assert deferred.step_cost.points() == now.step_cost.points()
+    assert deferred.draft_cost.points() == now.draft_cost.points()
+    assert deferred.modes.rates == now.modes.rates and now.modes.rates
