@@ -711,14 +711,22 @@ class AdaptiveController:
                 f"[{pts(self.draft_cost)}] rates "
                 f"{np.round(self.calibrator.position_rates(self.max_drafts), 2).tolist()} tokens/s [{modes}]")
 
+    def wants_confidence(self, num_drafted: int) -> bool:
+        """Whether ``cut`` reads the drafter's confidences when that many requests draft (a lone
+        one sends what its cap allows, so none need be computed for it)."""
+        return num_drafted >= self.cut_from_reqs
+
     def cut(self, conf, caps, draft_seconds: float = 0.0) -> np.ndarray:
-        """After the drafter ran: [R] draft lengths from its confidences [R, K]. Its cost
-        (``draft_seconds``) is spent whatever is sent, but it is part of the step: a step that
-        sends nothing still paid it, so the throughput each length gives counts it."""
+        """After the drafter ran: [R] draft lengths from its confidences [R, K] (None where
+        ``wants_confidence`` said none is read). Its cost (``draft_seconds``) is spent whatever is
+        sent, but it is part of the step: a step that sends nothing still paid it, so the
+        throughput each length gives counts it."""
+        caps = np.asarray(caps)
+        if conf is None or not self.wants_confidence(len(caps)):
+            return caps  # a lone drafting request: every draft its cap allows (caps <= max_drafts)
         conf = np.asarray(conf, dtype=np.float64)
         self._cuts += 1
-        if (len(conf) < self.cut_from_reqs or not self.step_cost.known()
-                or (self.full_every and self._cuts % self.full_every == 0)):
-            return np.minimum(np.asarray(caps), conf.shape[1])
+        if not self.step_cost.known() or (self.full_every and self._cuts % self.full_every == 0):
+            return np.minimum(caps, conf.shape[1])
         return choose_draft_lengths(self.calibrator.estimate(conf), self.step_cost.cost, caps=caps,
                                     draft_cost=draft_seconds)

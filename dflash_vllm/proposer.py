@@ -247,10 +247,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if ctl is not None:
                 ctl.close_cycle(t_begin, cad.num_actual_tokens, accepted, req_ids)
             caps = self._request_caps(req_ids, k)
-        if caps is None:  # every request drafts up to k (an array kept per batch size: this runs every step)
-            if self._full_caps.shape != (num_reqs,) or (num_reqs and self._full_caps[0] != k):
-                self._full_caps = np.full(num_reqs, k, dtype=np.int64)
-            caps_np = self._full_caps
+        if caps is None:  # every request drafts up to k
+            caps_np = self._uncapped(num_reqs, k)
             drafting = k > 0 and num_reqs > 0 and not self._profiling
         else:
             caps_np = caps
@@ -298,11 +296,11 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         t_draft = self._now() if ctl is not None else 0.0
         num_drafted = num_reqs if rows is None else len(rows)
         hidden = self._block_forward(cad, inputs, rows, k)
-        # the drafter's confidences feed the cut, which runs from ``cut_from_reqs`` drafting
-        # requests on; below it they are not computed (a softmax normaliser over the vocabulary
-        # per draft: ~100 us of a ~5 ms drafting step at 1 request on CPU, 7 drafts of 4,096)
+        # the drafter's confidences feed the cut only; where it reads none they are not computed
+        # (a softmax normaliser over the vocabulary per draft: ~100 us of a ~5 ms drafting step at
+        # 1 request on CPU, 7 drafts of 4,096)
         drafts, conf, draft_probs = self._select(hidden[inputs.sample_indices[: num_drafted * k]], sampling_metadata,
-                                                 need_conf=ctl is not None and num_drafted >= ctl.cut_from_reqs)
+                                                 need_conf=ctl is not None and ctl.wants_confidence(num_drafted))
         drafts = drafts.view(num_drafted, k)
         if draft_probs is not None:  # sampled drafting: vLLM reads row i's first len(drafts[i])
             probs = draft_probs.view(num_drafted, k, -1)
@@ -323,9 +321,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         caps_sent = caps_np if rows is None else caps_np[rows]
         if ctl is not None:
             now = self._now()
-            # a lone drafting request sends what its cap allows, uncut (AdaptiveController.cut)
-            lengths = (caps_sent if conf is None or num_drafted < ctl.cut_from_reqs
-                       else ctl.cut(conf, caps_sent, draft_seconds=now - t_draft))
+            lengths = ctl.cut(conf, caps_sent, draft_seconds=now - t_draft)
             ctl.end_step(now, num_drafted, num_drafted * (1 + k), now - t_draft)
         else:
             lengths = caps_sent
@@ -388,7 +384,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             return True
         k = self.num_speculative_tokens
         caps = self._request_caps(req_ids, k)
-        sel = ctl.select(req_ids, np.full(num_reqs, k, dtype=np.int64) if caps is None else caps, 1 + k)
+        sel = ctl.select(req_ids, self._uncapped(num_reqs, k) if caps is None else caps, 1 + k)
         self._preselected = (req_ids, sel) if sel.any() else None
         return self._preselected is not None
 
@@ -419,6 +415,13 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             return None
         ids = self._runner.input_batch.req_ids
         return list(ids[:num_reqs])
+
+    def _uncapped(self, num_reqs: int, k: int) -> np.ndarray:
+        """[R] caps of k each, when no request sets its own: one array kept per batch size (asked
+        every step; never written to)."""
+        if self._full_caps.shape != (num_reqs,) or (num_reqs and self._full_caps[0] != k):
+            self._full_caps = np.full(num_reqs, k, dtype=np.int64)
+        return self._full_caps
 
     def _request_caps(self, req_ids: list[str], k: int) -> np.ndarray | None:
         """[R] per-request draft caps from ``extra_args``; None when no request sets one."""

@@ -20,6 +20,7 @@ def _proposer(num_reqs: int) -> DFlashVllmProposer:
     p.variable_lengths = True
     p.num_speculative_tokens = K
     p._caps = {}
+    p._full_caps = np.zeros(0, dtype=np.int64)
     p._preselected = None
     p._tp_size = 1
     p._sync = False
