@@ -1,5 +1,5 @@
 import torch
-from dflash_vllm.kernels import block_inputs_ref, block_inputs_triton
+from dflash_vllm.kernels import block_inputs, block_inputs_cpu, block_inputs_ref, block_inputs_triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,9 +26,10 @@ def draw_case(data):
     k = data.draw(st.integers(1, 9))
     kv_block = data.draw(st.sampled_from([1, 4, 16]))
     with_rejected = data.draw(st.booleans())
+    decoding = data.draw(st.booleans())  # one target token per request (the CPU path's shortcut)
     qlens, seq_lens, rejected, positions = [], [], [], []
     for _ in range(num_reqs):
-        n = data.draw(st.integers(1, 12))
+        n = 1 if decoding else data.draw(st.integers(1, 12))
         seq = data.draw(st.integers(n, 60))
         rej = data.draw(st.integers(0, min(n - 1, k))) if with_rejected else 0
         qlens.append(n)
@@ -82,3 +83,17 @@ def test_block_inputs_triton_matches_reference(data):
     check(got, want, "triton")
     assert got.valid_seq_lens.tolist() == ref.valid_seq_lens.tolist()
     assert got.input_ids.dtype == ref.input_ids.dtype and got.slot_mapping.dtype == ref.slot_mapping.dtype
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_block_inputs_cpu_matches_definition_and_reference(data):
+    """The NumPy CPU path (what the proposer runs on CPU) against the definition, with the
+    reference's dtypes; ``block_inputs`` picks it for CPU tensors."""
+    args, want = draw_case(data)
+    got, ref = block_inputs_cpu(*args), block_inputs_ref(*args)
+    check(got, want, "cpu")
+    assert got.valid_seq_lens.tolist() == ref.valid_seq_lens.tolist()
+    for name in (*FIELDS, "valid_seq_lens"):
+        assert getattr(got, name).dtype == getattr(ref, name).dtype, name
+    check(block_inputs(*args, use_triton=False), want, "dispatch")

@@ -1,11 +1,14 @@
-"""context_kv: the Triton kernel (under TRITON_INTERPRET=1 on CPU) against its PyTorch reference,
-writing into paged caches laid out as vLLM's FlashAttention backend lays them out."""
+"""context_kv: the Triton kernel (under TRITON_INTERPRET=1 on CPU) and the NumPy CPU path against
+the PyTorch reference, writing into paged caches laid out as vLLM's FlashAttention and CPU backends
+lay them out."""
 
 import pytest
 import torch
 
 # TRITON_INTERPRET=1 is set by conftest.py, before anything imports triton
-from dflash_vllm.kernels.context_kv import context_kv_ref, context_kv_triton
+from dflash_vllm.kernels.context_kv import context_kv, context_kv_cpu, context_kv_ref, context_kv_triton
+
+IMPLS = {"triton": context_kv_triton, "cpu": context_kv_cpu}
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -29,14 +32,15 @@ def _caches(layers, num_blocks, block, h, d, dtype):
     return per_layer, [t[0] for t in per_layer], [t[1] for t in per_layer]
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("c, layers, h, d", [(1, 1, 1, 64), (7, 2, 3, 64), (33, 5, 8, 128), (12, 3, 2, 32)])
-def test_matches_reference(c, layers, h, d, dtype):
+def test_matches_reference(c, layers, h, d, dtype, impl):
     kv, w, cs, pos, slots, block, nb = _case(c, layers, h, d, dtype, seed=c * 10 + layers)
     ref_all, ref_k, ref_v = _caches(layers, nb, block, h, d, dtype)
     out_all, out_k, out_v = _caches(layers, nb, block, h, d, dtype)
     context_kv_ref(kv, w, 1e-6, cs, pos, slots, ref_k, ref_v)
-    context_kv_triton(kv, w, 1e-6, cs, pos, slots, out_k, out_v)
+    IMPLS[impl](kv, w, 1e-6, cs, pos, slots, out_k, out_v)
     for layer, (got, want) in enumerate(zip(out_all, ref_all, strict=True)):
         diff = (got.float() - want.float()).abs()
         where = (diff > 0.05).nonzero()[:3].tolist()
@@ -81,11 +85,13 @@ def _cpu_attention_layer(num_blocks, block, h, d, dtype):
                            _k_scale_float=1.0, _v_scale_float=1.0)
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [16, 32])
-def test_kernel_writes_vllms_cpu_cache_layout(dtype, block):
-    """Through the probed views, the kernel leaves every layer's CPU cache exactly as vLLM's own
-    write of the reference K/V does (the CPU backend stores each K tile transposed)."""
+def test_kernel_writes_vllms_cpu_cache_layout(dtype, block, impl):
+    """Through the probed views, the kernel (and the CPU path the proposer runs on CPU) leaves every
+    layer's CPU cache exactly as vLLM's own write of the reference K/V does (the CPU backend stores
+    each K tile transposed)."""
     from dflash_vllm.models.cache_views import context_cache_views
 
     c, layers, h, d, nb = 21, 2, 2, 64, 6
@@ -96,7 +102,7 @@ def test_kernel_writes_vllms_cpu_cache_layout(dtype, block):
     views = context_cache_views(ours)
     assert views is not None, f"no views for the CPU layout (isa {ours[0].isa})"
     assert all(torch.count_nonzero(a.kv_cache) == 0 for a in ours), "the probe restores block 0"
-    context_kv_triton(kv, w, 1e-6, cs, pos, slots, *views)
+    IMPLS[impl](kv, w, 1e-6, cs, pos, slots, *views)
     # the reference K/V, written by vLLM's CPU backend itself
     keep = slots >= 0
     ref_k = [torch.zeros(nb + 1, block, h, d, dtype=dtype) for _ in range(layers)]
@@ -132,3 +138,16 @@ def test_flash_attention_layout():
     for layer in range(layers):
         torch.testing.assert_close(ks[layer], ref_k[layer], **TOL[torch.float32])
         torch.testing.assert_close(vs[layer], ref_v[layer], **TOL[torch.float32])
+
+
+def test_dispatch_takes_the_cpu_path_for_cpu_tensors(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("dflash_vllm.kernels.context_kv")  # the package re-exports a function of that name
+
+    called = []
+    monkeypatch.setattr(mod, "context_kv_cpu", lambda *a, **k: called.append("cpu"))
+    kv, w, cs, pos, slots, block, nb = _case(3, 1, 1, 64, torch.float32)
+    _, ks, vs = _caches(1, nb, block, 1, 64, torch.float32)
+    context_kv(kv, w, 1e-6, cs, pos, slots, ks, vs, use_triton=False)
+    assert called == ["cpu"]
