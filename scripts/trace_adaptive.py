@@ -95,7 +95,9 @@ def main() -> None:
         cur.update(propose_ms=dt * 1e3, plain_after=self.plain,
                    drafts=sum(len(x) for x in out) if isinstance(out, list) else int(out.numel()))
 
-    def counted(self, ok, dt, num_reqs, drafted, tokens, seconds):
+    # the controller folds cycles into its rates in batches (AdaptiveController.defer_every): a
+    # cycle lands in the event of the step that folded it, up to a batch after the step it timed
+    def counted(self, ok, dt, num_reqs, drafted, tokens, seconds, busy=False):
         cur.setdefault("cycles", []).append((num_reqs, bool(drafted), float(tokens), float(seconds), bool(ok)))
 
     wrap(EngineCore, "step", before=lambda self: cur.clear(), after=step_done)
