@@ -148,7 +148,7 @@ def block_inputs_cpu(query_start_loc, num_rejected, target_positions, next_token
     table = block_table.numpy()
     last_block = table.shape[1] - 1
 
-    def slots(rows: np.ndarray | slice, pos: np.ndarray) -> np.ndarray:
+    def slots(rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
         blk = np.minimum(pos // kv_block_size, last_block)
         return table[rows, blk].astype(np.int64) * kv_block_size + pos % kv_block_size
 

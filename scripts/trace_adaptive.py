@@ -4,7 +4,8 @@ Runs the bench's jobs for one mode (warm-up loops, then ``--reps`` closed loops 
 concurrency) on one engine in this process, and records for every engine step: requests, tokens,
 new prompts, drafts verified, the step's wall time, whether it ran plain, the drafts proposed, the
 backfill time, each cycle the controller counted (mode, tokens, seconds), and the rates the mode
-choice saw. Prints a summary per job: plain steps, the measured plain and drafting rates, backfills.
+choice saw. Prints a summary per job: plain steps (and which rule chose them: the measured rates
+or the cost model's veto), the measured plain and drafting rates, backfills.
 
     .venv/bin/python scripts/trace_adaptive.py --concurrency 1,4,16,64 --reps 2 --json runs/trace.json
 
@@ -37,6 +38,11 @@ def _summary(jobs: list[dict], events: list[dict]) -> None:
               f"{sum(1 for e in steps if e.get('stayed_plain'))} plain; cycles counted: plain {len(plain)} "
               f"at {_rate(plain):.0f} tok/s, drafting {len(draft)} at {_rate(draft):.0f} tok/s; "
               f"{sum(1 for e in steps if 'backfill_ms' in e)} backfills")
+        why = [e for e in steps if e.get("stayed_plain")]
+        by_rates = sum(1 for e in why if e.get("prefer") is False)
+        by_veto = sum(1 for e in why if e.get("prefer") is not False and e.get("chosen") == 0)
+        print(f"{'':>11}  plain steps chosen by the measured rates {by_rates}, by the cost model's veto {by_veto}, "
+              f"other {len(why) - by_rates - by_veto}")
 
 
 def main() -> None:
@@ -108,6 +114,7 @@ def main() -> None:
     wrap(adaptive.PlainOrDraft, "observe", after=counted)
 
     def asked(self, out, dt, num_reqs, new_text=False):  # the rates the mode choice saw
+        cur["prefer"] = bool(out)
         known = self._known(self.bucket(num_reqs))
         if "draft" in known and "plain" in known:
             d, pl = known["draft"], known["plain"]
@@ -116,6 +123,8 @@ def main() -> None:
                              "interval": self.explore_interval(*((d, pl) if pl[0] > d[0] else (pl, d)))}
 
     wrap(adaptive.PlainOrDraft, "prefer_draft", after=asked)
+    # the requests the cost model chose (0: its veto), after the measured rates said draft
+    wrap(adaptive.AdaptiveController, "_select", after=lambda self, out, dt, *a: cur.update(chosen=int(out.sum())))
 
     llm = LLM(**spec["engine"])
     jobs = []
