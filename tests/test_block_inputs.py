@@ -89,7 +89,7 @@ def test_block_inputs_triton_matches_reference(data):
 @given(st.data())
 def test_block_inputs_cpu_matches_definition_and_reference(data):
     """The NumPy CPU path (what the proposer runs on CPU) against the definition, with the
-    reference's dtypes; ``block_inputs`` picks it for CPU tensors."""
+    reference's dtypes, also through ``block_inputs`` (which picks it: the test below)."""
     args, want = draw_case(data)
     got, ref = block_inputs_cpu(*args), block_inputs_ref(*args)
     check(got, want, "cpu")
@@ -97,3 +97,16 @@ def test_block_inputs_cpu_matches_definition_and_reference(data):
     for name in (*FIELDS, "valid_seq_lens"):
         assert getattr(got, name).dtype == getattr(ref, name).dtype, name
     check(block_inputs(*args, use_triton=False), want, "dispatch")
+
+
+def test_dispatch_takes_the_cpu_path_for_cpu_tensors(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("dflash_vllm.kernels.block_inputs")  # the package re-exports a function of that name
+    called = []
+    monkeypatch.setattr(mod, "block_inputs_cpu", lambda *a, **k: called.append("cpu"))
+    monkeypatch.setattr(mod, "block_inputs_ref", lambda *a, **k: called.append("ref"))
+    qsl, pos, ids = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([5]), torch.tensor([7], dtype=torch.int32)
+    mod.block_inputs(qsl, None, pos, ids, torch.zeros(1, 4, dtype=torch.int32), torch.tensor([6], dtype=torch.int32),
+                     16, 123, 3, use_triton=False)
+    assert called == ["cpu"]
