@@ -66,8 +66,8 @@ def write_plot(results: dict, path: str | Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, m in results["modes"].items():
         ax1.plot(concs, [m["by_concurrency"][str(c)]["tokens_per_s"] for c in concs], marker="o", label=mode)
-        if mode != "baseline":
-            per_pos = m["by_concurrency"][str(concs[0])]["per_position_acceptance"]
+        per_pos = m["by_concurrency"][str(concs[0])].get("per_position_acceptance")
+        if per_pos:  # speculative modes only
             ax2.plot(range(1, len(per_pos) + 1), per_pos, marker="o", label=f"{mode} (conc. {concs[0]})")
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("concurrent requests")

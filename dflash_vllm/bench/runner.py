@@ -15,6 +15,14 @@ Engines (``engines``):
   mode for its whole life, and with all engines up at once an engine started later ran ~5% slower:
   a single instance per mode makes the comparison one draw of that lottery. Fresh instances per
   repetition make it ``reps`` draws, and the rotation spreads start order evenly.
+- ``interleaved``: every repetition starts each mode's engine afresh too, but all of them stay up
+  through the repetition and the modes take turns per job (concurrency), the order rotating from
+  job to job and from repetition to repetition (so every mode starts first in some repetition).
+  The two runs a ratio compares are then seconds apart, not minutes: on that CPU machine the speed
+  drifts by tens of percent over minutes (one repetition's engines of every mode ran ~1.5x faster
+  than the next one's), and ``restart`` puts a whole repetition's worth of drift between two modes'
+  runs of the same job. All modes' engines must fit at once (``kv_cache_bytes`` each), so this is
+  the CPU default; on a GPU vLLM's start-up memory check expects the device to itself.
 - ``shared``: each mode's engine starts once and stays up; the modes take turns per repetition (the
   order rotating). Faster where an engine start costs minutes (CUDA graph capture), at the price
   above.
@@ -51,7 +59,7 @@ MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
 # of the bench's noise).
 EXTRA_MODES = ("baseline-sync",)
 ALL_MODES = MODES + EXTRA_MODES
-ENGINES = ("restart", "shared")
+ENGINES = ("restart", "interleaved", "shared")
 IDLE_GAP_S = 1.5  # pause between jobs: the engine that just ran stops spinning before the next starts
 RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
           ("plugin-fixed", "builtin"), ("builtin", "baseline"), ("baseline-sync", "baseline"),
@@ -142,17 +150,32 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
     return {"engine": engine, "jobs": jobs, "env": env}
 
 
+def default_engines() -> str:
+    """``interleaved`` where all modes' engines fit at once (CPU), ``restart`` on a GPU."""
+    import torch
+
+    return "restart" if torch.cuda.is_available() else "interleaved"
+
+
 def run_plan(modes: list[str], concurrency: list[int], reps: int, engines: str) -> list[tuple[str, list[str]]]:
     """The order of a bench run: ``(mode, job names)`` per engine session, in run order. ``restart``:
-    one session per (repetition, mode), the modes' order rotating per repetition. ``shared``: one
-    entry per (job, mode), the mode's engine kept up between its entries; per job the order rotates."""
+    one session per (repetition, mode), the modes' order rotating per repetition. ``interleaved``: one
+    entry per (repetition, job, mode), the order rotating per job and per repetition; a repetition's
+    engines start at their first entry and stop after its last. ``shared``: one entry per (job, mode),
+    the mode's engine kept up between its entries; per job the order rotates."""
     if engines not in ENGINES:
         raise ValueError(f"engines={engines!r}: choose from {list(ENGINES)}")
     names = [[f"c{c}_r{r}" for c in concurrency] for r in range(reps)]
     if engines == "restart":
         return [(m, names[r]) for r in range(reps) for m in _rotated(modes, r)]
+    if engines == "interleaved":
+        return [(m, [name]) for r in range(reps) for i, name in enumerate(names[r]) for m in _rotated(modes, r + i)]
     flat = [n for c in concurrency for n in (f"c{c}_r{r}" for r in range(reps))]
     return [(m, [n]) for i, n in enumerate(flat) for m in _rotated(modes, i)]
+
+
+def _rep(job_name: str) -> int:
+    return int(job_name.rsplit("_r", 1)[1])
 
 
 def _rotated(items: list[str], i: int) -> list[str]:
@@ -200,7 +223,10 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
 
     plan = run_plan(list(specs), cfg.concurrency, cfg.reps, cfg.engines)
     try:
-        for mode, names in plan:
+        for i, (mode, names) in enumerate(plan):
+            if cfg.engines == "interleaved" and i and _rep(names[0]) != _rep(plan[i - 1][1][0]):
+                while servers:  # a new repetition: fresh engines for every mode
+                    servers.popitem()[1].close()
             if mode in results["errors"]:
                 continue
             try:
