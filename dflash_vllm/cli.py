@@ -38,7 +38,7 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from dflash_vllm.bench.report import print_table, write_json, write_plot
-    from dflash_vllm.bench.runner import ALL_MODES, BenchConfig, default_engines, run_bench
+    from dflash_vllm.bench.runner import ALL_MODES, BenchConfig, run_bench
     from dflash_vllm.demo import shipped_pair
     from dflash_vllm.training.data import read_prompts
 
@@ -64,7 +64,7 @@ def _bench(args) -> int:
                       concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps, waves=args.waves,
                       temperature=args.temperature, max_tokens=args.max_tokens,
                       num_speculative_tokens=args.num_speculative_tokens, compile=not args.no_compile,
-                      kv_cache_bytes=args.kv_cache_mib << 20, engines=args.engines or default_engines())
+                      kv_cache_bytes=args.kv_cache_mib << 20, engines=args.engines)
     from rich.progress import Progress
 
     starts = len(modes) * (1 if cfg.engines == "shared" else cfg.reps)
@@ -138,14 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--num-speculative-tokens", type=int, default=None, help="default: block_size - 1")
     bench.add_argument("--no-compile", action="store_true", help="eager engines (faster start, for smoke runs)")
-    bench.add_argument("--engines", choices=ENGINES, default=None,
-                       help="interleaved (default on CPU): each repetition starts every mode's engine afresh, all "
-                            "up at once, the modes taking turns per concurrency, order rotating (a ratio compares "
-                            "runs seconds apart; one engine instance can run ~20%% faster or slower than another "
-                            "of the same mode, and the machine drifts over minutes); restart (default on GPU, where "
-                            "vLLM expects the device to itself at start-up): the same, one engine up at a time, "
-                            "each running its whole repetition; shared: one engine per mode for the whole run, the "
-                            "modes taking turns (faster where an engine start costs minutes)")
+    bench.add_argument("--engines", choices=ENGINES, default="restart",
+                       help="restart (default): each repetition starts every mode's engine afresh, one engine up "
+                            "at a time, order rotating (one engine instance can run ~20%% faster or slower than "
+                            "another of the same mode); interleaved: fresh engines per repetition too, all up at "
+                            "once, the modes taking turns per concurrency (CPU only: vLLM's GPU start-up expects "
+                            "the device to itself; its A/A spread here was no smaller); shared: one engine per "
+                            "mode for the whole run, the modes taking turns (faster where an engine start costs "
+                            "minutes)")
     bench.add_argument("--kv-cache-mib", type=int, default=1024,
                        help="KV cache of each engine (with --engines interleaved or shared all modes' engines are up "
                             "at once)")

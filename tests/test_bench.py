@@ -78,15 +78,14 @@ def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
     assert set(res["ratios"]) >= {"plugin/baseline", "plugin/builtin", "plugin/plugin-fixed"}
     assert len(res["ratios"]["plugin/baseline"]["2"]["per_rep"]) == 2
     assert {"cpu", "vllm", "torch", "commit"} <= set(res["machine"])
-    # on CPU the default is interleaved: fresh engines per repetition, the modes taking turns per job,
-    # the order rotating from job to job
+    # engines restarted per repetition (the default): each mode's engine runs all of one repetition's
+    # jobs, then the next mode's; every mode once per repetition, the mode going first rotating
     order = res["order"]
-    assert len(order) == 2 * 2 * 4
-    turns = [order[i:i + 4] for i in range(0, len(order), 4)]
-    assert [t[0][0] for t in turns] == ["c1_r0", "c2_r0", "c1_r1", "c2_r1"]
-    assert all(len({job for job, _ in t}) == 1 and len({m for _, m in t}) == 4 for t in turns)
-    modes = [m for _, m in turns[0]]  # job j of repetition r starts with mode (r + j) mod 4 of the first turn
-    assert [t[0][1] for t in turns] == [modes[0], modes[1], modes[1], modes[2]]
+    assert len(order) == 4 * 2 * 2
+    sessions = [order[i:i + 2] for i in range(0, len(order), 2)]
+    assert all(a[1] == b[1] and (a[0], b[0]) in {("c1_r0", "c2_r0"), ("c1_r1", "c2_r1")} for a, b in sessions)
+    assert [len({s[0][1] for s in sessions[i:i + 4]}) for i in (0, 4)] == [4, 4]
+    assert sessions[0][0][1] != sessions[4][0][1]
     assert all(m["engine_starts"] == 2 and m["engine_start_s"] > 0 for m in res["modes"].values())
     with Image.open(out_png) as img:
         assert img.size[0] > 400

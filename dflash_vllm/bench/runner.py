@@ -21,8 +21,11 @@ Engines (``engines``):
   The two runs a ratio compares are then seconds apart, not minutes: on that CPU machine the speed
   drifts by tens of percent over minutes (one repetition's engines of every mode ran ~1.5x faster
   than the next one's), and ``restart`` puts a whole repetition's worth of drift between two modes'
-  runs of the same job. All modes' engines must fit at once (``kv_cache_bytes`` each), so this is
-  the CPU default; on a GPU vLLM's start-up memory check expects the device to itself.
+  runs of the same job. All modes' engines must fit at once (``kv_cache_bytes`` each): CPU only
+  (on a GPU vLLM's start-up memory check expects the device to itself). Measured, it resolved no
+  better: an A/A pair (``baseline-sync`` beside ``baseline``) gave 0.90x/1.27x/0.92x/1.02x at
+  1/4/16/64 requests, per repetition 0.63x-1.44x (``docs/benchmarks/bench_cpu_interleaved_9bc3f51.json``),
+  against 0.97x/1.06x/1.03x at 1/16/64 with ``restart``.
 - ``shared``: each mode's engine starts once and stays up; the modes take turns per repetition (the
   order rotating). Faster where an engine start costs minutes (CUDA graph capture), at the price
   above.
@@ -148,13 +151,6 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
             jobs.append({"name": f"c{c}_r{r}", "prompts": prompts, "sampling": sampling, "concurrency": c})
     env = {"DFLASH_VLLM_DISABLE": "1"} if mode == "builtin" else {"DFLASH_VLLM_DISABLE": "0"}
     return {"engine": engine, "jobs": jobs, "env": env}
-
-
-def default_engines() -> str:
-    """``interleaved`` where all modes' engines fit at once (CPU), ``restart`` on a GPU."""
-    import torch
-
-    return "restart" if torch.cuda.is_available() else "interleaved"
 
 
 def run_plan(modes: list[str], concurrency: list[int], reps: int, engines: str) -> list[tuple[str, list[str]]]:
