@@ -25,12 +25,18 @@ def _train(args) -> int:
 
 def _eval_drafter(args) -> int:
     import json
+    from pathlib import Path
 
     from dflash_vllm.reference import evaluate
     from dflash_vllm.training.data import read_prompts
 
+    block = json.loads((Path(args.drafter) / "config.json").read_text()).get("block_size", 16)
+    if args.num_drafts is not None and not 1 <= args.num_drafts <= block - 1:
+        raise SystemExit(f"--num-drafts {args.num_drafts}: choose 1 to {block - 1} (the drafter's block_size "
+                         f"{block} minus the anchor token)")
     prompts = read_prompts(args.prompts, limit=args.limit)
-    print(json.dumps(evaluate(args.target, args.drafter, prompts, args.max_new_tokens), indent=2))
+    print(json.dumps(evaluate(args.target, args.drafter, prompts, args.max_new_tokens, num_drafts=args.num_drafts),
+                     indent=2))
     return 0
 
 
@@ -160,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", required=True)
     ev.add_argument("--limit", type=int, default=32)
     ev.add_argument("--max-new-tokens", type=int, default=128)
+    ev.add_argument("--num-drafts", type=int, default=None,
+                    help="drafts per block (default: the drafter's block_size - 1); fewer run the drafter on a "
+                         "shorter block, [last token, MASK x N]")
     ev.set_defaults(func=_eval_drafter)
     return parser
 

@@ -343,7 +343,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         A step that stays plain only records its tokens' features (``ContextBacklog``): their
         context K/V is written when drafting resumes."""
         ctl = self.adaptive
-        draft = ctl is None or self._draft_after_plain(num_reqs)
+        req_ids = self._batch_req_ids(num_reqs)
+        draft = ctl is None or self._draft_after_plain(num_reqs, req_ids)
         if self._tp_size > 1:  # rank 0 decides for all (the drafting step runs collectives)
             from vllm.distributed import get_tp_group
 
@@ -352,7 +353,6 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self.plain = False
             self._resumed = True
             return False
-        req_ids = self._batch_req_ids(num_reqs)
         ctl.plain_step(self._now(), num_reqs, num_tokens, req_ids)
         if self._backlog is not None and aux_hidden_states is not None and positions is not None and cad is not None:
             if num_tokens == num_reqs:  # decoding: one token each (a shared array: the backlog never changes it)
@@ -370,14 +370,13 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             logger.debug("dflash-vllm adaptive (plain): %s", ctl.describe())
         return True
 
-    def _draft_after_plain(self, num_reqs: int) -> bool:
+    def _draft_after_plain(self, num_reqs: int, req_ids: list[str] | None) -> bool:
         """After a plain step: whether the next one drafts. The measured rates first (``wants_draft``),
         then the cost model on this batch's requests, as ``propose`` would ask it; its choice is kept
         for ``propose`` (same batch), so a veto costs no speculative step."""
         ctl = self.adaptive
         if self._force_plain:
             return False
-        req_ids = self._batch_req_ids(num_reqs)
         if not ctl.wants_draft(num_reqs, req_ids):
             return False
         if req_ids is None:

@@ -35,3 +35,37 @@ def test_matches_zlab_dflash_generate(models, tiny_pair):
     ours = speculative_generate(target, drafter, prompt, 30)
     assert out.output_ids[0, len(prompt):].tolist() == ours.tokens
     assert out.acceptance_lengths == ours.acceptance_lengths
+
+
+def test_shorter_blocks_match_zlab_dflash_generate_with_that_block_size(models, tiny_pair):
+    """A block of 1 + N tokens (N drafts, fewer than the drafter was built for): z-lab's loop with
+    ``block_size=N+1`` on the same checkpoint gives the same tokens and acceptance lengths."""
+    import dflash.model as zm
+    from dflash.model import DFlashDraftModel, dflash_generate
+
+    target, drafter = models
+    zlab = DFlashDraftModel.from_pretrained(str(tiny_pair.drafter), dtype=torch.float32).eval()
+    zm._cuda_time = lambda: __import__("time").perf_counter()
+    prompt = [5, 17, 99, 3, 250]
+    for n in (1, 3):
+        out = dflash_generate(zlab, target, torch.tensor([prompt]), 30, None, block_size=n + 1, return_stats=True)
+        ours = speculative_generate(target, drafter, prompt, 30, num_drafts=n)
+        assert out.output_ids[0, len(prompt):].tolist() == ours.tokens == greedy_generate(target, prompt, 30)
+        assert out.acceptance_lengths == ours.acceptance_lengths
+        assert len(ours.accepted_per_pos) == n
+
+
+def test_eval_drafter_cli_takes_a_shorter_block_and_rejects_a_longer_one(tiny_pair, tmp_path, capsys):
+    import json
+
+    from dflash_vllm.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello there", "one two three")))
+    args = ["eval-drafter", "--target", str(tiny_pair.target), "--drafter", str(tiny_pair.drafter),
+            "--prompts", str(prompts), "--max-new-tokens", "12"]
+    assert main(args + ["--num-drafts", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["per_position_acceptance"]) == 2 and len(out["acceptance_length_histogram"]) == 3
+    with pytest.raises(SystemExit, match="--num-drafts 8: choose 1 to 7"):
+        main(args + ["--num-drafts", "8"])
