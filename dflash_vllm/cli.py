@@ -25,15 +25,15 @@ def _train(args) -> int:
 
 def _eval_drafter(args) -> int:
     import json
-    from pathlib import Path
 
+    from dflash_vllm.checkpoint import parse_draft_spec, read_config
     from dflash_vllm.reference import evaluate
     from dflash_vllm.training.data import read_prompts
 
-    block = json.loads((Path(args.drafter) / "config.json").read_text()).get("block_size", 16)
-    if args.num_drafts is not None and not 1 <= args.num_drafts <= block - 1:
-        raise SystemExit(f"--num-drafts {args.num_drafts}: choose 1 to {block - 1} (the drafter's block_size "
-                         f"{block} minus the anchor token)")
+    spec = parse_draft_spec(read_config(args.drafter))
+    if args.num_drafts is not None and not 1 <= args.num_drafts <= spec.max_drafts:
+        raise SystemExit(f"--num-drafts {args.num_drafts}: choose 1 to {spec.max_drafts} (the drafter's "
+                         f"block_size {spec.block_size} minus the anchor token)")
     prompts = read_prompts(args.prompts, limit=args.limit)
     print(json.dumps(evaluate(args.target, args.drafter, prompts, args.max_new_tokens, num_drafts=args.num_drafts),
                      indent=2))
