@@ -57,11 +57,12 @@ def child(args: argparse.Namespace) -> None:
     from vllm import LLM, SamplingParams
 
     from dflash_vllm.bench.engine_job import _closed_loop
+    from dflash_vllm.bench.runner import BenchConfig, engine_spec
+    from dflash_vllm.training.data import read_prompts
 
-    lines = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    prompts = [d["prompt"] for d in lines if "prompt" in d][:32]
-    llm = LLM(model=args.target, dtype="float32", max_model_len=1024, seed=0, kv_cache_memory_bytes=1 << 30,
-              max_num_seqs=max(args.concurrency, 4))
+    prompts = read_prompts(args.prompts, limit=32)
+    cfg = BenchConfig(target=args.target, drafter="", prompts=prompts, concurrency=[args.concurrency])
+    llm = LLM(**engine_spec(cfg, "baseline")["engine"])  # the bench's plain-decoding engine
     if "pin" in args.variant:
         _pin_others()
     c = args.concurrency
@@ -93,16 +94,19 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    variants = []  # (name, environment), all checked before the first engine starts
+    for spec in args.variants:
+        name, _, env_spec = spec.partition(":")
+        env = dict(os.environ)
+        for item in filter(None, env_spec.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"variant {spec!r}: {item!r} is not ENV=VALUE")
+            env[key] = value
+        variants.append((name, env))
     found: dict[str, list[list[float]]] = {}
     for i in range(args.instances):
-        for spec in args.variants:
-            name, _, env_spec = spec.partition(":")
-            env = dict(os.environ)
-            for item in filter(None, env_spec.split(",")):
-                key, sep, value = item.partition("=")
-                if not sep:
-                    raise SystemExit(f"variant {spec!r}: {item!r} is not ENV=VALUE")
-                env[key] = value
+        for name, env in variants:
             cmd = [sys.executable, __file__, "--child", "--variant", name, "--reps", str(args.reps),
                    "--concurrency", str(args.concurrency), "--waves", str(args.waves),
                    "--target", args.target, "--prompts", args.prompts]
