@@ -125,3 +125,17 @@ def test_baseline_sync_is_plain_decoding_on_the_synchronous_scheduler(tmp_path):
     assert sync["async_scheduling"] is False and "speculative_config" not in sync
     assert "async_scheduling" not in base and "async_scheduling" not in plugin
     assert plugin["speculative_config"]["num_speculative_tokens"] == 7
+
+
+def test_soak_error_detail_names_the_transport_error_under_the_clients():
+    from dflash_vllm.bench.soak import _cause_chain
+
+    try:
+        try:
+            raise ConnectionResetError("Server disconnected without sending a response.")
+        except ConnectionResetError as inner:
+            raise RuntimeError("Connection error.") from inner
+    except RuntimeError as err:
+        detail = _cause_chain(err)
+    assert detail == ("RuntimeError: Connection error. <- "
+                      "ConnectionResetError: Server disconnected without sending a response.")
