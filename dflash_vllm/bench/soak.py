@@ -155,9 +155,10 @@ def process_tree_rss_mb(pid: int) -> float | None:
 
 def run_workload(base_url: str, model: str, plan: list[SoakRequest], concurrency: int = 64,
                  server_pid: int | None = None, minutes: float | None = None,
-                 count: int | None = None) -> SoakResult:
+                 count: int | None = None, keep_alive: bool = False) -> SoakResult:
     """Run ``plan`` with ``concurrency`` clients (a closed loop). The plan repeats (indices continue)
-    for ``count`` requests (default: once through), or with ``minutes`` until that much time passed."""
+    for ``count`` requests (default: once through), or with ``minutes`` until that much time passed.
+    ``keep_alive`` reuses idle connections (the OpenAI client's default) instead of one per request."""
     from openai import OpenAI
 
     # A fresh connection per request. With keep-alive, the OpenAI client keeps an idle connection for
@@ -166,7 +167,7 @@ def run_workload(base_url: str, model: str, plan: list[SoakRequest], concurrency
     # without sending a response" (seen on plain vLLM with this workload, 3 of 1,536 requests). That
     # race is the client's configuration, not the server under test.
     client = OpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, timeout=600,
-                    default_headers={"Connection": "close"})
+                    default_headers={} if keep_alive else {"Connection": "close"})
     # warm-up: one full wave of the workload (no cancellations), so "after warm-up" memory is that of
     # a server that has seen this load once
     warm = [SoakRequest(**{**asdict(r), "index": -1 - i, "cancel_after_chunks": None})
