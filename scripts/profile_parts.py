@@ -1,0 +1,115 @@
+"""Milliseconds per engine step of the engine's parts, for one bench mode on a fresh engine (a
+diagnostic, not a benchmark): the runner's phases, the scheduler, the rejection sampler, the
+drafter's ``propose`` and, for the plugin, its own phases and the adaptive controller's calls.
+
+Runs 4 warm-up prompts, then ``--prompts-n`` prompts x ``--max-tokens`` at one request at a time
+(the bench's closed loop), timing each wrapped method with ``perf_counter``. Steps are the
+scheduler's ``schedule`` calls. Alternate modes over several runs: one engine instance differs
+from the next by up to ~20% on a 2-core CPU.
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 DFLASH_VLLM_DISABLE=1 .venv/bin/python scripts/profile_parts.py builtin
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python scripts/profile_parts.py plugin-fixed --json fixed.json
+
+With ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (as served) the engine core runs in another process:
+only tokens/s is measured then. ``DFLASH_VLLM_DISABLE`` must match the mode (1 for ``builtin``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+SECONDS: dict[str, float] = defaultdict(float)
+CALLS: dict[str, int] = defaultdict(int)
+
+
+def wrap(cls, name: str, label: str) -> None:
+    fn = getattr(cls, name, None)
+    if fn is None:
+        return
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SECONDS[label] += time.perf_counter() - t
+            CALLS[label] += 1
+
+    setattr(cls, name, timed)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["baseline", "builtin", "plugin-fixed", "plugin"])
+    ap.add_argument("--prompts-n", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    if (os.environ.get("DFLASH_VLLM_DISABLE") == "1") != (args.mode == "builtin"):
+        sys.exit("set DFLASH_VLLM_DISABLE=1 for mode builtin, and only for it")
+
+    from vllm import LLM, SamplingParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.spec_decode.dflash import DFlashProposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from dflash_vllm.adaptive import AdaptiveController
+    from dflash_vllm.bench.engine_job import _closed_loop
+    from dflash_vllm.bench.runner import BenchConfig, engine_spec
+    from dflash_vllm.demo import shipped_pair
+    from dflash_vllm.proposer import DFlashVllmProposer
+    from dflash_vllm.training.data import read_prompts
+
+    pair = shipped_pair()
+    if pair is None:
+        sys.exit("dflash_vllm/demo_pair/ is missing: run scripts/build_demo_pair.py")
+    target, drafter = pair
+    prompts = read_prompts(target.parent / "eval_prompts.jsonl")
+    cfg = BenchConfig(target=str(target), drafter=str(drafter), prompts=prompts, concurrency=[1])
+    llm = LLM(**engine_spec(cfg, args.mode)["engine"])
+
+    for name in ("execute_model", "sample_tokens", "propose_draft_token_ids", "_prepare_inputs",
+                 "_update_states", "_bookkeeping_sync", "_model_forward"):
+        wrap(GPUModelRunner, name, "runner." + name)
+    wrap(Scheduler, "schedule", "sched.schedule")
+    wrap(Scheduler, "update_from_output", "sched.update")
+    wrap(RejectionSampler, "forward", "rejection")
+    wrap(DFlashProposer, "propose", "drafter.propose")
+    wrap(DFlashVllmProposer, "propose", "drafter.propose")
+    for name in ("_learn_from_last_step", "_flush_outcomes", "_request_caps", "_batch_req_ids",
+                 "_block_forward", "_select", "_features", "_backfill", "stay_plain"):
+        wrap(DFlashVllmProposer, name, "plugin." + name)
+    for name in ("begin_step", "close_cycle", "select", "cut", "end_step", "open_cycle", "observe_outcomes",
+                 "plain_step", "wants_draft"):
+        wrap(AdaptiveController, name, "controller." + name)
+
+    _closed_loop(llm, prompts[-4:], [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)] * 4, 1)
+    SECONDS.clear()
+    CALLS.clear()
+    work = prompts[: args.prompts_n]
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
+    t = time.perf_counter()
+    outs = _closed_loop(llm, work, [params] * len(work), 1)
+    wall = time.perf_counter() - t
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    steps = CALLS["sched.schedule"]
+    res = {"mode": args.mode, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps,
+           "ms_per_step": {k: 1e3 * SECONDS[k] / steps for k in sorted(SECONDS)} if steps else {},
+           "calls": dict(CALLS)}
+    print(f"{args.mode}: {tokens} tokens in {wall:.2f} s, {tokens / wall:.1f} tokens/s, {steps or 'uncounted'} steps")
+    for k, v in res["ms_per_step"].items():
+        print(f"  {k:<34} {v:7.3f} ms/step ({CALLS[k]} calls)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
