@@ -14,7 +14,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from dflash_vllm.bench.soak import make_workload, run_workload
+from dflash_vllm.bench.soak import SOAK_CONCURRENCY, SOAK_REQUESTS, SOAK_SERVER, make_workload, run_workload
 from dflash_vllm.demo import shipped_pair
 from dflash_vllm.serving import vllm_server
 from dflash_vllm.training.data import read_prompts
@@ -30,14 +30,13 @@ def main() -> int:
     if pair is None:
         sys.exit("dflash_vllm/demo_pair/ is missing: run scripts/build_demo_pair.py")
     target, drafter = pair
-    plan = make_workload(read_prompts(target.parent / "eval_prompts.jsonl"), 192, seed=0)
+    plan = make_workload(read_prompts(target.parent / "eval_prompts.jsonl"), SOAK_REQUESTS, seed=0)
     log = Path(tempfile.mkdtemp(prefix="soak_rounds_")) / "server.log"
     failed = total = 0
-    with vllm_server(target, drafter if args.plugin else None, log_path=log, max_model_len=1024,
-                     kv_cache_bytes=384 * 2**20) as (base, pid):
+    with vllm_server(target, drafter if args.plugin else None, log_path=log, **SOAK_SERVER) as (base, pid):
         for i in range(args.rounds):
-            res = run_workload(base, str(target), plan, 64, server_pid=pid, keep_alive=args.keep_alive)
-            bad = [o for o in res.outcomes if o.status == "error" or o.status.startswith("http_5")]
+            res = run_workload(base, str(target), plan, SOAK_CONCURRENCY, server_pid=pid, keep_alive=args.keep_alive)
+            bad = [o for o in res.outcomes if o.failed]
             failed, total = failed + len(bad), total + len(res.outcomes)
             statuses = dict(Counter(o.status for o in res.outcomes))
             print(f"round {i}: {statuses} in {res.wall_s:.1f} s", flush=True)

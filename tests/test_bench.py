@@ -139,3 +139,12 @@ def test_soak_error_detail_names_the_transport_error_under_the_clients():
         detail = _cause_chain(err)
     assert detail == ("RuntimeError: Connection error. <- "
                       "ConnectionResetError: Server disconnected without sending a response.")
+
+
+def test_soak_counts_5xx_and_broken_connections_as_server_failures():
+    from dflash_vllm.bench.soak import SoakOutcome
+
+    failed = {s: SoakOutcome(0, s).failed for s in ("ok", "cancelled", "http_400", "http_429", "http_500",
+                                                   "http_503", "error")}
+    assert failed == {"ok": False, "cancelled": False, "http_400": False, "http_429": False, "http_500": True,
+                      "http_503": True, "error": True}

@@ -14,13 +14,18 @@ import os
 
 import pytest
 
-from dflash_vllm.bench.soak import compare, make_workload, run_workload
+from dflash_vllm.bench.soak import (
+    SOAK_CONCURRENCY,
+    SOAK_REQUESTS,
+    SOAK_SERVER,
+    compare,
+    make_workload,
+    run_workload,
+)
 from dflash_vllm.serving import vllm_server
+from dflash_vllm.training.data import read_prompts
 
 pytestmark = pytest.mark.engine
-
-REQUESTS = 192
-CONCURRENCY = 64
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +35,17 @@ def soak(request, tmp_path_factory):
     pair = shipped_pair()
     assert pair is not None, "dflash_vllm/demo_pair/ is missing: run scripts/build_demo_pair.py"
     target, drafter = pair
-    texts = [json.loads(line)["prompt"] for line in (target.parent / "eval_prompts.jsonl").read_text().splitlines()]
-    plan = make_workload(texts, REQUESTS, seed=0)
+    plan = make_workload(read_prompts(target.parent / "eval_prompts.jsonl"), SOAK_REQUESTS, seed=0)
     minutes = request.config.getoption("--soak-minutes")
     tmp = tmp_path_factory.mktemp("soak")
-    server = {"max_model_len": 1024, "kv_cache_bytes": 384 * 2**20}
-    with vllm_server(target, drafter, log_path=tmp / "plugin.log", **server) as (base, pid):
-        ours = run_workload(base, str(target), plan, CONCURRENCY, server_pid=pid, minutes=minutes)
+    with vllm_server(target, drafter, log_path=tmp / "plugin.log", **SOAK_SERVER) as (base, pid):
+        ours = run_workload(base, str(target), plan, SOAK_CONCURRENCY, server_pid=pid, minutes=minutes)
         alive = run_workload(base, str(target), plan[:4], 4)  # still serving after the soak
         log = (tmp / "plugin.log").read_text(errors="replace")  # before shutdown and its noise
-    with vllm_server(target, log_path=tmp / "plain.log", **server) as (base, pid):
-        plain = run_workload(base, str(target), plan, CONCURRENCY, server_pid=pid, count=len(ours.outcomes))
+    with vllm_server(target, log_path=tmp / "plain.log", **SOAK_SERVER) as (base, pid):
+        plain = run_workload(base, str(target), plan, SOAK_CONCURRENCY, server_pid=pid, count=len(ours.outcomes))
     report = {"plugin": ours.figures, "plain": plain.figures, "comparison": compare(plain, ours),
-              "requests_planned": len(plan), "concurrency": CONCURRENCY, "minutes": minutes}
+              "requests_planned": len(plan), "concurrency": SOAK_CONCURRENCY, "minutes": minutes}
     print(json.dumps(report, indent=1))
     if os.environ.get("DFLASH_SOAK_REPORT"):
         with open(os.environ["DFLASH_SOAK_REPORT"], "w") as fh:
@@ -53,7 +56,7 @@ def soak(request, tmp_path_factory):
 def test_soak_no_server_errors(soak):
     ours, plain, alive, report, log = soak
     for name, result in (("plugin", ours), ("plain", plain)):
-        bad = [o for o in result.outcomes if o.status.startswith("http_5") or o.status == "error"]
+        bad = [o for o in result.outcomes if o.failed]
         assert not bad, f"{name}: {len(bad)} failed requests, first: {bad[0]}"
     assert all(o.status == "ok" for o in alive.outcomes), "the plugin server stopped serving after the soak"
     assert "Traceback" not in log, log[log.index("Traceback"):][:3000]

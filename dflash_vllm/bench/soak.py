@@ -22,6 +22,13 @@ from pathlib import Path
 STOPS = ["\n\n", "return", ")\n"]
 
 
+# The soak's load and server (tests/test_soak.py, scripts/soak_rounds.py): 192 requests from 64
+# clients, against a server with 1,024-token contexts and 384 MiB of KV cache.
+SOAK_REQUESTS = 192
+SOAK_CONCURRENCY = 64
+SOAK_SERVER = {"max_model_len": 1024, "kv_cache_bytes": 384 * 2**20}
+
+
 @dataclass
 class SoakRequest:
     index: int
@@ -42,6 +49,11 @@ class SoakOutcome:
     completion_tokens: int = 0
     latency_s: float = 0.0
     detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        """The server failed the request: a 5xx, or the connection broke (4xx and hang-ups are not)."""
+        return self.status == "error" or self.status.startswith("http_5")
 
 
 @dataclass
