@@ -62,7 +62,8 @@ class StepCostModel:
         self._observed = 0
         self.profile: dict[int, tuple[float, float]] = {}  # bucket -> (tokens, seconds)
         self.online: dict[int, list[float]] = {}  # bucket -> [tokens, seconds, count]
-        self._curve: tuple[np.ndarray, np.ndarray] | None = None  # cached points(), None = stale
+        # cached fit of points(): (tokens, seconds, slope beyond the last point); None = stale
+        self._curve: tuple[np.ndarray, np.ndarray, float] | None = None
 
     @staticmethod
     def bucket(num_tokens: float) -> int:
@@ -119,25 +120,26 @@ class StepCostModel:
                 merged[b] = (n, s, min(c, self.max_weight))
         return sorted(merged.values())
 
-    def _xy(self) -> tuple[np.ndarray, np.ndarray]:
+    def _xy(self) -> tuple[np.ndarray, np.ndarray, float]:
         if self._curve is None:
             pts = self._weighted_points()
             xs = np.array([p[0] for p in pts], dtype=np.float64)
             ys = monotone_fit(np.array([p[1] for p in pts], dtype=np.float64),
                               np.array([p[2] for p in pts], dtype=np.float64))
-            self._curve = (xs, ys)  # ys non-decreasing: a bigger step never costs less
+            # ys non-decreasing: a bigger step never costs less
+            slope = max(0.0, float(ys[-1] - ys[-2]) / max(float(xs[-1] - xs[-2]), 1e-9)) if len(xs) > 1 else 0.0
+            self._curve = (xs, ys, slope)
         return self._curve
 
     def cost(self, num_tokens) -> np.ndarray:
         """Seconds for steps of ``num_tokens`` tokens (array-like of any shape)."""
         n = np.asarray(num_tokens, dtype=np.float64)
-        xs, ys = self._xy()
+        xs, ys, slope = self._xy()
         if len(xs) == 0:
             return np.ones_like(n)  # nothing known: every step costs the same
-        out = np.interp(n, xs, ys)
-        if len(xs) > 1:
-            slope = max(0.0, (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9))
-            out = np.where(n > xs[-1], ys[-1] + slope * (n - xs[-1]), out)
+        out = np.interp(n, xs, ys)  # ys[-1] beyond the last point, which then grows with the slope
+        if slope > 0.0:
+            out += slope * np.maximum(n - xs[-1], 0.0)
         return out
 
     def cost1(self, num_tokens: float) -> float:
@@ -166,6 +168,7 @@ class AcceptanceCalibrator:
         # toward their position's rate only
         self.unbinned_attempts = np.zeros(num_positions, dtype=np.float64)
         self.unbinned_accepts = np.zeros(num_positions, dtype=np.float64)
+        self._rates: dict[int, np.ndarray] = {}  # position_rates(k) until the next observe()
 
     def _bin(self, conf: np.ndarray) -> np.ndarray:
         return np.minimum((np.clip(conf, 0, 1) * self.bins).astype(np.int64), self.bins - 1)
@@ -183,11 +186,15 @@ class AcceptanceCalibrator:
         return np.clip(est, 0.0, 0.999)
 
     def position_rates(self, k: int) -> np.ndarray:
-        """[k] per-position conditional acceptance, all confidences pooled (the pre-draft view)."""
-        att = self.attempts[:k].sum(1) + self.unbinned_attempts[:k]
-        acc = self.accepts[:k].sum(1) + self.unbinned_accepts[:k]
-        s = self.prior_strength
-        return np.clip((acc + s * self.prior_rate) / (att + s), 0.0, 0.999)
+        """[k] per-position conditional acceptance, all confidences pooled (the pre-draft view). The
+        same array until the next ``observe`` (callers never write to it)."""
+        rates = self._rates.get(k)
+        if rates is None:
+            att = self.attempts[:k].sum(1) + self.unbinned_attempts[:k]
+            acc = self.accepts[:k].sum(1) + self.unbinned_accepts[:k]
+            s = self.prior_strength
+            rates = self._rates[k] = np.clip((acc + s * self.prior_rate) / (att + s), 0.0, 0.999)
+        return rates
 
     def observe(self, conf, lengths, accepted) -> None:
         """``conf`` [R, K] confidences of the drafts sent (NaN where none was computed),
@@ -196,19 +203,27 @@ class AcceptanceCalibrator:
         conf = np.asarray(conf, dtype=np.float64)
         if conf.size == 0:
             return
+        self._rates = {}
+        k = conf.shape[1]
         lengths, accepted = np.asarray(lengths)[:, None], np.asarray(accepted)[:, None]
-        i = np.arange(conf.shape[1])[None]
+        i = np.arange(k)[None]
         tried = (i <= accepted) & (i < lengths)
         ok = tried & (i < accepted)
+        # counts by column sums and bincount (np.add.at is several times slower on these sizes)
         unknown = np.isnan(conf)
         if unknown.any():
-            np.add.at(self.unbinned_attempts, np.broadcast_to(i, conf.shape)[tried & unknown], 1.0)
-            np.add.at(self.unbinned_accepts, np.broadcast_to(i, conf.shape)[ok & unknown], 1.0)
-            tried, ok = tried & ~unknown, ok & ~unknown
-            conf = np.where(unknown, 0.0, conf)
-        cell = np.broadcast_to(i, conf.shape) * self.bins + self._bin(conf)
-        np.add.at(self.attempts.reshape(-1), cell[tried], 1.0)
-        np.add.at(self.accepts.reshape(-1), cell[ok], 1.0)
+            self.unbinned_attempts[:k] += (tried & unknown).sum(0)
+            self.unbinned_accepts[:k] += (ok & unknown).sum(0)
+            if unknown.all():
+                tried = None
+            else:
+                tried, ok = tried & ~unknown, ok & ~unknown
+                conf = np.where(unknown, 0.0, conf)
+        if tried is not None:
+            cell = i * self.bins + self._bin(conf)
+            size = self.attempts.size
+            self.attempts += np.bincount(cell[tried], minlength=size).reshape(self.attempts.shape)
+            self.accepts += np.bincount(cell[ok], minlength=size).reshape(self.accepts.shape)
         full = self.attempts.sum(1) + self.unbinned_attempts > self.horizon
         if full.any():
             self.attempts[full] *= 0.5
@@ -268,6 +283,15 @@ def choose_requests(gains, step_cost: CostFn, draft_cost: CostFn, block_tokens: 
     if r == 0 or k == 0:
         return sel
     base = float(r if base_tokens is None else base_tokens)
+    if r == 1:  # a lone request, where a step is shortest: the same rule on floats, one cost call
+        costs = np.asarray(step_cost(base + np.arange(k + 1, dtype=np.float64)), dtype=np.float64).tolist()
+        plain = costs[0]
+        price = max(costs[k] - plain, 0.0) / (plain * k)
+        counted = [x for x in gains[0].tolist() if x > price]
+        g = sum(counted)
+        if g > 0 and (1.0 + g) / (costs[len(counted)] + float(np.asarray(draft_cost(block_tokens)))) > 1.0 / plain:
+            sel[0] = True
+        return sel
     plain, full = (float(c) for c in np.asarray(step_cost(np.array([base, base + r * k])), dtype=np.float64))
     price = (r / plain) * max(full - plain, 0.0) / (r * k)  # tokens/s forgone per verified token
     counted = gains > price
@@ -390,6 +414,7 @@ class PlainOrDraft:
         self._since: dict[int, int] = {}
         self._retry: dict[int, tuple[bool, int]] = {}  # bucket -> (mode retried: draft?, cycles left)
         self.retrying = False  # the last prefer_draft answered for a retry of the losing mode
+        self.settled = False  # the last prefer_draft answered with the winner of two known modes
 
     @staticmethod
     def bucket(num_reqs: int) -> int:
@@ -423,6 +448,7 @@ class PlainOrDraft:
         b = self.bucket(num_reqs)
         retry = self._retry.get(b)
         self.retrying = retry is not None
+        self.settled = False
         if retry is not None:
             mode, left = retry
             if left > 1:
@@ -450,7 +476,14 @@ class PlainOrDraft:
             self.retrying = True
             return not best
         self._since[b] = n
+        self.settled = True
         return best
+
+    def skip(self, num_reqs: int) -> None:
+        """A step that ran the settled mode without asking (``AdaptiveController.select``'s kept
+        choice): it counts toward the next retry as an answer of ``prefer_draft`` would."""
+        b = self.bucket(num_reqs)
+        self._since[b] = self._since.get(b, 0) + 1
 
     def observe(self, num_reqs: int, drafted: bool, tokens: float, seconds: float, busy: bool = False) -> bool:
         """One step cycle: ``num_reqs`` requests, whether drafts were sent, tokens it produced.
@@ -541,9 +574,15 @@ class AdaptiveController:
         # A batch whose every request the cost model chose, or none, keeps that choice for
         # ``reselect_every`` steps (the rule's inputs move slowly; at one request it cost ~3% of a
         # CPU step, and ~4% of each plain step at 16 requests on CPU while it vetoed every one).
+        # A batch drafting in full while the measured rates settled on drafting keeps the mode too:
+        # those steps ask neither (``select``'s first lines). In the engine the controller's Python
+        # runs on caches the model's tensor work evicted, several times slower than warm: at one
+        # request on CPU ``select`` took ~45 us a step on a kept choice (3 us warm) and ~175 us
+        # re-deciding, ~1.5% of a ~5.7 ms step in all.
         self.reselect_every = reselect_every
-        # (batch key, steps still kept for, the requests chosen: all, or none for a veto)
-        self._kept: tuple[tuple, int, np.ndarray] | None = None
+        # [request ids, caps, steps still kept for, the requests chosen (all, or none for a veto),
+        #  whether the mode is kept too]
+        self._kept: list | None = None
         # Steps of vLLM's speculative path only (drafts verified or not: the rejection sampler, the
         # aux-state gather and the drafter's context pass are paid whatever is sent). Plain steps run
         # a cheaper path: mixed in, at one request on CPU they made the first draft of a step look
@@ -643,14 +682,21 @@ class AdaptiveController:
         """Drafts sent last step: their confidences [R, K], how many were sent and accepted [R]."""
         self.calibrator.observe(conf, lengths, accepted)
         if req_ids is not None:
-            expected = np.concatenate(([0.0], np.cumsum(np.cumprod(self.calibrator.position_rates(self.max_drafts)))))
-            for rid, n, a in zip(req_ids, lengths, accepted, strict=True):
-                self.requests.observe(rid, float(a), float(expected[int(n)]))
+            expected = [0.0, *np.cumsum(np.cumprod(self.calibrator.position_rates(self.max_drafts))).tolist()]
+            observe = self.requests.observe
+            for rid, n, a in zip(req_ids, np.asarray(lengths).tolist(), np.asarray(accepted).tolist(), strict=True):
+                observe(rid, float(a), expected[int(n)])
 
     def select(self, req_ids: list[str], caps: np.ndarray, block_tokens: int) -> np.ndarray:
         """Before the drafter runs: [R] bool, the requests whose drafts pay at this load."""
         caps = np.asarray(caps)
         checked, self._mode_checked = self._mode_checked, False
+        kept = self._kept
+        if not checked and kept is not None and kept[4] and kept[2] > 0 and self._same_batch(kept, req_ids, caps):
+            kept[2] -= 1  # drafting in full stands: neither the measured rates nor the cost model asked
+            self.modes.skip(len(req_ids))
+            self.declined = False
+            return kept[3]  # the same array each step (callers never write to it)
         self.declined = not checked and not self.modes.prefer_draft(len(req_ids))
         if self.declined:
             self.requests.idle([rid for rid, c in zip(req_ids, caps, strict=True) if c > 0])
@@ -660,6 +706,10 @@ class AdaptiveController:
             self._drafted_ids[PlainOrDraft.bucket(len(req_ids))] = frozenset(req_ids)
         return sel
 
+    @staticmethod
+    def _same_batch(kept: list, req_ids: list[str], caps: np.ndarray) -> bool:
+        return kept[0] == req_ids and (kept[1] is caps or np.array_equal(kept[1], caps))
+
     def _select(self, req_ids: list[str], caps: np.ndarray, block_tokens: int) -> np.ndarray:
         if not self.step_cost.known():
             return caps > 0  # nothing measured yet: draft, and learn
@@ -668,12 +718,11 @@ class AdaptiveController:
             # another text's, and their veto would leave the retry unmade (the cut, on the
             # drafter's confidences, still chooses what is sent)
             return caps > 0
-        key = (tuple(req_ids), caps.tobytes())
         kept = self._kept
-        if kept is not None and kept[0] == key and kept[1] > 0:
-            self._kept = (key, kept[1] - 1, kept[2])
-            if kept[2].any():
-                return kept[2]  # the same array each step (callers never write to it)
+        if kept is not None and kept[2] > 0 and self._same_batch(kept, req_ids, caps):
+            kept[2] -= 1
+            if kept[3].any():
+                return kept[3]  # the same array each step (callers never write to it)
             sel = np.zeros(len(req_ids), dtype=bool)  # the veto stands (and counts as one, below)
         else:
             self._kept = None
@@ -687,7 +736,8 @@ class AdaptiveController:
         if sel.any():
             self._vetoed[b] = 0
             if self.reselect_every > 1 and np.array_equal(sel, caps > 0):
-                self._kept = (key, self.reselect_every - 1, sel)
+                self._kept = [list(req_ids), caps, self.reselect_every - 1, sel,
+                              self.modes.settled and not self.modes.retrying]
         elif caps.any():
             self._vetoed[b] = self._vetoed.get(b, 0) + 1
             if self._vetoed[b] >= self.explore_every:  # re-measure what drafting costs here
@@ -695,7 +745,7 @@ class AdaptiveController:
                 sel = caps > 0
                 self._kept = None
             elif self._kept is None and self.reselect_every > 1:
-                self._kept = (key, self.reselect_every - 1, sel)
+                self._kept = [list(req_ids), caps, self.reselect_every - 1, sel, False]
         self.declined = not sel.any() and self._vetoed.get(b, 0) >= self.plain_after_veto
         self.requests.idle([rid for rid, s, c in zip(req_ids, sel, caps, strict=True) if not s and c > 0])
         return sel

@@ -242,6 +242,46 @@ def test_a_batch_drafting_in_full_keeps_its_choice_for_a_few_steps():
     assert ctl.select(["a"], np.zeros(1, dtype=np.int64), 8).sum() == 0, "new caps: decided at once"
 
 
+def test_a_settled_drafting_batch_skips_the_mode_choice_and_still_retries_on_time(monkeypatch):
+    """While the measured rates have settled on drafting, a batch drafting in full keeps mode and
+    choice for ``reselect_every`` steps without asking either (the controller's Python is the cost
+    at one request); the kept steps count toward the next retry of plain decoding, which comes at
+    most ``reselect_every - 1`` steps late. While a mode is still being learnt, every step asks."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    calls = []
+    real = PlainOrDraft.prefer_draft
+    monkeypatch.setattr(PlainOrDraft, "prefer_draft", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+
+    def controller() -> AdaptiveController:
+        ctl = AdaptiveController(max_drafts=7, reselect_every=8)
+        ctl.step_cost.set_profile({1: 5e-3, 8: 5.5e-3})
+        for _ in range(ctl.warmup_drafts + 2):
+            ctl.end_step(0.0, 1, 8, 1e-4)  # a cheap drafter: drafting pays
+        return ctl
+
+    one = np.full(1, 7)
+    learning = controller()
+    assert all(learning.select(["a"], one, 8).all() for _ in range(16))
+    assert len(calls) == 16, "drafting's rate not yet known: every step asks"
+
+    ctl = controller()
+    for _ in range(ctl.modes.warmup_drafts + 20):
+        ctl.modes.observe(1, True, 4.0, 8e-3)  # drafting: 500 tokens/s
+    for _ in range(20):
+        ctl.modes.observe(1, False, 1.0, 4e-3)  # plain steps: 250 tokens/s
+    known = ctl.modes._known(PlainOrDraft.bucket(1))
+    interval = ctl.modes.explore_interval(known["plain"], known["draft"])
+    calls.clear()
+    picks = [bool(ctl.select(["a"], one, 8).any()) for _ in range(interval + 16)]
+    first_plain = picks.index(False)
+    assert interval - 1 <= first_plain < interval - 1 + ctl.reselect_every, (interval, first_plain)
+    assert picks[first_plain:first_plain + ctl.modes.explore_cycles] == [False] * ctl.modes.explore_cycles
+    assert len(calls) <= first_plain // ctl.reselect_every + ctl.modes.explore_cycles + 4, "one ask per 8 steps"
+    assert ctl.select(["b"], one, 8).all() and len(calls) > first_plain // ctl.reselect_every + 4, \
+        "another batch: asked at once"
+
+
 def test_controller_leaves_out_the_request_the_drafter_cannot_predict():
     ctl = AdaptiveController(max_drafts=7)
     ctl.step_cost.set_profile({1: 5e-3, 4: 5.2e-3, 32: 6e-3})
