@@ -442,9 +442,11 @@ class PlainOrDraft:
         mean = v[5] / v[4]
         return math.sqrt(max(0.0, v[6] / v[4] - mean * mean))
 
-    def prefer_draft(self, num_reqs: int, new_text: bool = False) -> bool:
+    def prefer_draft(self, num_reqs: int, new_text: bool = False, draft_yield: float | None = None) -> bool:
         """Whether this step drafts. ``new_text``: at least half the batch's requests are new since
-        drafting last ran in this bucket."""
+        drafting last ran in this bucket. ``draft_yield``: tokens a drafting cycle is expected to
+        yield on this batch's text; at a few requests it replaces the measured yield
+        (``text_rate``)."""
         b = self.bucket(num_reqs)
         retry = self._retry.get(b)
         self.retrying = retry is not None
@@ -462,6 +464,8 @@ class PlainOrDraft:
         if "plain" not in known:
             return False
         draft, plain = known["draft"], known["plain"]
+        if draft_yield is not None and self.few(num_reqs):
+            draft = self.text_rate(draft, draft_yield)
         best = draft[0] >= plain[0]
         winner, loser = (draft, plain) if best else (plain, draft)
         n = self._since.get(b, 0) + 1
@@ -478,6 +482,12 @@ class PlainOrDraft:
         self._since[b] = n
         self.settled = True
         return best
+
+    @staticmethod
+    def text_rate(v: list[float], tokens_per_cycle: float) -> list[float]:
+        """A drafting entry of ``rates`` with its rate for this text: ``tokens_per_cycle`` over the
+        mode's measured seconds per cycle (a copy; the measured sums are kept)."""
+        return [tokens_per_cycle * v[4] / v[3], *v[1:]]
 
     def skip(self, num_reqs: int) -> None:
         """A step that ran the settled mode without asking (``AdaptiveController.select``'s kept
@@ -604,21 +614,30 @@ class AdaptiveController:
         step's cycle produced one token per request plus the drafts vLLM accepted.
 
         A cycle whose next step also prefills new prompts counts when that step continues one of
-        the cycle's requests: the engine was busy throughout, and the prefill is a cost of the mode
-        as much as the decoding (drafting writes the prompt's context, verifies a larger step, and
+        the cycle's requests and brings no more new requests than it continues: the engine was
+        busy throughout at about this load, and the prefill is a cost of the mode as much as the
+        decoding (drafting writes the prompt's context, verifies a larger step, and
         its requests finish unevenly, so they are admitted, and prefill, one by one). Left out, at
         16 requests on CPU drafting measured ~10% above plain decoding on the cycles counted while
         the engine ran 5% slower than one held to plain steps (counted, in one run, still 8% above:
         not the whole story). Without a continuing request (or request ids) the cycle may hold an
-        idle wait for new requests, and is not counted. A long prompt's prefill chunks, paid by
+        idle wait for new requests, and is not counted. Nor is a cycle whose next step admits more
+        new requests than it continues: a new load arriving (a closed loop's first request
+        admitted alone, its 15 or 63 companions prefilled in the next step) is no cost of the
+        cycle's mode at its batch size. Counted, such cycles (100-300 ms at one request on CPU)
+        doubled drafting's measured cycle time at one request on a fresh engine that had run the
+        bench's warm-ups at 16 and 64 requests, and it decoded plainly for most of the next
+        requests. A long prompt's prefill chunks, paid by
         either mode alike, weigh on the rate of the mode that runs: noise, bounded by
         ``PlainOrDraft.max_step_s`` per cycle."""
         if self._cycle is not None:
             start, num_reqs, verify_tokens, plain, ids = self._cycle
             if num_tokens <= verify_tokens:
                 self._note(self.modes.observe, num_reqs, not plain, num_reqs + accepted, now - start, False)
-            elif ids is not None and req_ids is not None and not set(ids).isdisjoint(req_ids):
-                self._note(self.modes.observe, num_reqs, not plain, num_reqs + accepted, now - start, True)
+            elif ids is not None and req_ids is not None:
+                continuing = len(set(ids).intersection(req_ids))
+                if continuing and len(req_ids) - continuing <= continuing:
+                    self._note(self.modes.observe, num_reqs, not plain, num_reqs + accepted, now - start, True)
         self._cycle = None
 
     def open_cycle(self, now: float, num_reqs: int, num_drafts: int, plain: bool = False,
@@ -658,12 +677,26 @@ class AdaptiveController:
         """After a plain step (the drafter idle): whether the next one drafts. Asked once per step;
         when it says yes, ``select`` takes the answer instead of asking again. ``req_ids``, the
         batch's requests, tell whether its text is new since drafting last ran at this batch size."""
-        new_text = False
+        new_text, draft_yield = False, None
         if req_ids and self.modes.few(num_reqs):
             seen = self._drafted_ids.get(PlainOrDraft.bucket(num_reqs))
             new_text = seen is not None and 2 * sum(rid not in seen for rid in req_ids) >= len(req_ids)
-        self._mode_checked = self.modes.prefer_draft(num_reqs, new_text)
+            draft_yield = self.draft_yield(req_ids)
+        self._mode_checked = self.modes.prefer_draft(num_reqs, new_text, draft_yield)
+        if not self._mode_checked and draft_yield is not None:
+            self.requests.idle(req_ids)  # a plain step: their evidence fades, so they are retried
         return self._mode_checked
+
+    def draft_yield(self, req_ids: list[str], caps: np.ndarray | None = None) -> float:
+        """Tokens a drafting cycle is expected to yield on these requests: one each, plus the
+        drafts the pooled per-position rates expect of each, scaled by how it has fared
+        (``RequestFactors``), as ``_select`` prices them."""
+        k = self.max_drafts
+        gains = np.minimum(self.requests.factors(req_ids)[:, None] * np.cumprod(self.calibrator.position_rates(k))[None],
+                           0.999)
+        if caps is not None:
+            gains = np.where(np.arange(k)[None] >= np.asarray(caps)[:, None], 0.0, gains)
+        return len(req_ids) + float(gains.sum())
 
     def plain_step(self, now: float, num_reqs: int, num_tokens: int, req_ids: list[str] | None = None) -> None:
         """Account for a plain step the drafter sat out (cycle rate, plain step cost at ``num_tokens``)."""
@@ -697,7 +730,12 @@ class AdaptiveController:
             self.modes.skip(len(req_ids))
             self.declined = False
             return kept[3]  # the same array each step (callers never write to it)
-        self.declined = not checked and not self.modes.prefer_draft(len(req_ids))
+        if not checked:
+            few = self.modes.few(len(req_ids))
+            self.declined = not self.modes.prefer_draft(len(req_ids), False,
+                                                        self.draft_yield(req_ids, caps) if few else None)
+        else:
+            self.declined = False
         if self.declined:
             self.requests.idle([rid for rid, c in zip(req_ids, caps, strict=True) if c > 0])
             return np.zeros(len(req_ids), dtype=bool)

@@ -6,6 +6,8 @@ idempotent and cheap: an environment switch, a version check, then the patches (
 * ``DFLASH_VLLM_DISABLE=1`` leaves vLLM untouched: the same command then runs vLLM's built-in
   DFlash, which is how side-by-side figures are taken.
 * Any vLLM version other than the pinned one is left untouched, with one warning.
+* ``DFLASH_VLLM_TRACE=PREFIX`` traces the adaptive controller's choices per engine step into
+  ``PREFIX.<pid>.jsonl`` (a diagnostic: ``dflash_vllm.bench.trace``).
 """
 
 from __future__ import annotations
@@ -55,3 +57,7 @@ def register() -> None:
     from dflash_vllm.patches import apply_all
 
     apply_all()
+    from dflash_vllm.bench.trace import install_from_env
+
+    if install_from_env():
+        logger.info("dflash-vllm: tracing engine steps (DFLASH_VLLM_TRACE)")

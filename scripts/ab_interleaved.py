@@ -25,7 +25,8 @@ own DFlash) run beside the plugin's engines.
 Ablations of the adaptive controller (diagnostics only): ``cut1`` the cut also for a lone drafting
 request (``cut_from_reqs=1``), ``nocut`` no cut at all, ``noveto`` no per-request choice at a few
 requests (only PlainOrDraft picks plain steps), ``noplain`` never a plain step by the measured
-rates, ``forceplain`` every step plain (as ``DFLASH_VLLM_FORCE_PLAIN=1``).
+rates, ``forceplain`` every step plain (as ``DFLASH_VLLM_FORCE_PLAIN=1``), ``notext`` the mode
+choice on the measured rates alone at a few requests too (not on this text's expected yield).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in 
 
 import numpy as np  # noqa: E402
 
-ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain")
+ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext")
 
 
 def ablate(proposer, ablations: list[str]) -> None:
@@ -61,6 +62,8 @@ def ablate(proposer, ablations: list[str]) -> None:
             ctl._select = few_all
         elif name == "forceplain":  # as DFLASH_VLLM_FORCE_PLAIN=1: every step plain (what plain steps cost)
             proposer._force_plain = proposer.plain = True
+        elif name == "notext":  # the mode choice on measured rates alone, also at a few requests
+            ctl.modes.text_rate = lambda v, tokens_per_cycle: v
         elif name == "noplain":
             ctl.modes.prefer_draft = lambda num_reqs, new_text=False: True
         else:

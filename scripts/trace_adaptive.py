@@ -1,7 +1,7 @@
-"""Per-step trace of the adaptive controller, in one process (a diagnostic, not a benchmark).
+"""Per-step trace of the adaptive controller (a diagnostic, not a benchmark).
 
 Runs the bench's jobs for one mode (warm-up loops, then ``--reps`` closed loops at each
-concurrency) on one engine in this process, and records for every engine step: requests, tokens,
+concurrency) on one engine, in this process by default, and records for every engine step: requests, tokens,
 new prompts, drafts verified, the step's wall time, whether it ran plain, the drafts proposed, the
 backfill time, each cycle the controller counted (mode, tokens, seconds), and the rates the mode
 choice saw. Prints a summary per job: plain steps (and which rule chose them: the measured rates
@@ -11,6 +11,9 @@ or the cost model's veto), the measured plain and drafting rates, backfills.
 
 In-process timings include the output processing that a served engine overlaps in another process,
 and instances differ by up to ~20% on a 2-core CPU: read the decisions, not the tokens/s.
+``--served`` runs the engine core in its own processes, as the bench and ``vllm serve`` do, and
+traces it there (``DFLASH_VLLM_TRACE``, ``dflash_vllm/bench/trace.py``); the steps are then
+assigned to jobs by their time.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
+from dflash_vllm.bench import trace
 
 
 def _rate(cycles: list[tuple]) -> float:
@@ -31,7 +35,9 @@ def _rate(cycles: list[tuple]) -> float:
 def _summary(jobs: list[dict], events: list[dict]) -> None:
     for job in jobs:
         steps = [e for e in events if e["job"] == job["name"] and e.get("reqs")]
-        cycles = [c for e in steps for c in e.get("cycles", []) if c[4]]
+        # cycles of this job's batch sizes (a cycle is folded in up to a batch after its step, so the
+        # first steps of a job may fold in the previous job's last cycles)
+        cycles = [c for e in steps for c in e.get("cycles", []) if c[4] and c[0] <= job["concurrency"]]
         plain = [c for c in cycles if not c[1]]
         draft = [c for c in cycles if c[1]]
         print(f"{job['name']:>11}: {job['tokens_per_s']:7.1f} tok/s, {len(steps)} steps, "
@@ -54,85 +60,43 @@ def main() -> None:
     ap.add_argument("--mode", default="plugin", choices=["plugin", "plugin-fixed"])
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--served", action="store_true",
+                    help="engine core in its own processes, as served (traced through DFLASH_VLLM_TRACE)")
     ap.add_argument("--json", help="write the jobs and the per-step events here")
     args = ap.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.served else "0"
+    tmp = tempfile.TemporaryDirectory()
+    if args.served:
+        os.environ[trace.TRACE_ENV] = str(Path(tmp.name) / "trace")
 
-    from dflash_vllm import adaptive, patches
-    from dflash_vllm import proposer as P
+    from dflash_vllm import patches
     from dflash_vllm.bench import engine_job
     from dflash_vllm.bench.runner import BenchConfig, engine_spec
     from dflash_vllm.training.data import read_prompts
 
     patches.apply_all()
     from vllm import LLM
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.engine.core import EngineCore
 
     cfg = BenchConfig(target=args.target, drafter=args.drafter, prompts=read_prompts(args.prompts),
                       concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps)
     spec = engine_spec(cfg, args.mode)
     events: list[dict] = []
-    cur: dict = {}
-    job_name = ["init"]
-
-    def wrap(cls, name, before=None, after=None):
-        fn = getattr(cls, name)
-
-        def wrapper(self, *a, **k):
-            t = time.perf_counter()
-            if before:
-                before(self)
-            out = fn(self, *a, **k)
-            if after:
-                after(self, out, time.perf_counter() - t, *a)
-            return out
-
-        setattr(cls, name, wrapper)
-
-    def step_done(self, out, dt, *a):
-        events.append({**cur, "dt": dt, "job": job_name[0]})
-
-    def scheduled(self, so, dt, *a):
-        cur.update(reqs=len(so.num_scheduled_tokens), tokens=so.total_num_scheduled_tokens,
-                   new=len(so.scheduled_new_reqs),
-                   spec=sum(len(v) for v in so.scheduled_spec_decode_tokens.values()))
-
-    def proposed(self, out, dt, *a):
-        cur.update(propose_ms=dt * 1e3, plain_after=self.plain,
-                   drafts=sum(len(x) for x in out) if isinstance(out, list) else int(out.numel()))
-
-    # the controller folds cycles into its rates in batches (AdaptiveController.defer_every): a
-    # cycle lands in the event of the step that folded it, up to a batch after the step it timed
-    def counted(self, ok, dt, num_reqs, drafted, tokens, seconds, busy=False):
-        cur.setdefault("cycles", []).append((num_reqs, bool(drafted), float(tokens), float(seconds), bool(ok)))
-
-    wrap(EngineCore, "step", before=lambda self: cur.clear(), after=step_done)
-    wrap(Scheduler, "schedule", after=scheduled)
-    wrap(P.DFlashVllmProposer, "propose", after=proposed)
-    wrap(P.DFlashVllmProposer, "stay_plain", after=lambda self, out, dt, *a: cur.update(stayed_plain=out))
-    wrap(P.DFlashVllmProposer, "_backfill", after=lambda self, out, dt, *a: cur.update(backfill_ms=dt * 1e3))
-    wrap(adaptive.PlainOrDraft, "observe", after=counted)
-
-    def asked(self, out, dt, num_reqs, new_text=False):  # the rates the mode choice saw
-        cur["prefer"] = bool(out)
-        known = self._known(self.bucket(num_reqs))
-        if "draft" in known and "plain" in known:
-            d, pl = known["draft"], known["plain"]
-            cur["choice"] = {"draft": d[0], "spread": self.spread(d), "plain": pl[0], "new_text": new_text,
-                             "since": self._since.get(self.bucket(num_reqs), 0),
-                             "interval": self.explore_interval(*((d, pl) if pl[0] > d[0] else (pl, d)))}
-
-    wrap(adaptive.PlainOrDraft, "prefer_draft", after=asked)
-    # the requests the cost model chose (0: its veto), after the measured rates said draft
-    wrap(adaptive.AdaptiveController, "_select", after=lambda self, out, dt, *a: cur.update(chosen=int(out.sum())))
-
+    if not args.served:
+        trace.install(events.append)
     llm = LLM(**spec["engine"])
     jobs = []
     for job in spec["jobs"]:
-        job_name[0] = job["name"]
+        t0 = time.time()
         r = engine_job._run_job(llm, job)
-        jobs.append({"name": job["name"], "tokens_per_s": r["num_output_tokens"] / r["wall_s"],
-                     "num_drafts": r["spec"]["num_drafts"]})
+        jobs.append({"name": job["name"], "concurrency": job["concurrency"], "start": t0, "end": time.time(),
+                     "tokens_per_s": r["num_output_tokens"] / r["wall_s"], "num_drafts": r["spec"]["num_drafts"]})
+    if args.served:
+        llm.llm_engine.engine_core.shutdown()  # the engine core's process writes its last events at exit
+        events = trace.read_events(os.environ[trace.TRACE_ENV])
+        if not events:
+            raise SystemExit("no trace events came back from the engine core's process")
+    for e in events:  # each step to the job running when it ended
+        e["job"] = next((j["name"] for j in jobs if e["t"] <= j["end"]), "after")
     _summary(jobs, events)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -271,7 +271,8 @@ def test_a_settled_drafting_batch_skips_the_mode_choice_and_still_retries_on_tim
     for _ in range(20):
         ctl.modes.observe(1, False, 1.0, 4e-3)  # plain steps: 250 tokens/s
     known = ctl.modes._known(PlainOrDraft.bucket(1))
-    interval = ctl.modes.explore_interval(known["plain"], known["draft"])
+    # at one request drafting's rate is this text's: its expected yield over the measured cycle time
+    interval = ctl.modes.explore_interval(known["plain"], PlainOrDraft.text_rate(known["draft"], ctl.draft_yield(["a"])))
     calls.clear()
     picks = [bool(ctl.select(["a"], one, 8).any()) for _ in range(interval + 16)]
     first_plain = picks.index(False)
@@ -389,7 +390,9 @@ def test_drafting_misjudged_by_an_unlucky_stretch_wins_back():
 def _requests_one_at_a_time(ctl, texts: list[str], tokens_each: int = 128) -> list[list[bool]]:
     """Requests served one after another, ``tokens_each`` tokens each: a plain cycle gives 1 token in
     4 ms (250 tokens/s); a drafting cycle on ``hard`` text 1-4 tokens in 11 ms (~160 tokens/s, widely spread), on
-    ``easy`` text 7 in 10 ms (700 tokens/s). Per request, the controller's choice at every step."""
+    ``easy`` text 7 in 10 ms (700 tokens/s). The drafts' outcomes are learnt as the engine learns
+    them (a lone request's 7 drafts, no confidences). Per request, the controller's choice at every
+    step."""
     rng = np.random.default_rng(0)
     out = []
     for i, text in enumerate(texts):
@@ -399,6 +402,7 @@ def _requests_one_at_a_time(ctl, texts: list[str], tokens_each: int = 128) -> li
             if d:
                 assert ctl.select([rid], np.array([7]), 8).all()
                 tokens, seconds = (float(rng.choice([1, 1, 1, 2, 4])), 0.011) if text == "hard" else (7.0, 0.010)
+                ctl.observe_outcomes(np.full((1, 7), np.nan), [7], [int(tokens) - 1], [rid])
             else:
                 tokens, seconds = 1.0, 0.004
             ctl.modes.observe(1, d, tokens=tokens, seconds=seconds)
@@ -447,6 +451,42 @@ def test_a_retry_at_one_request_is_not_vetoed_by_another_texts_rates():
             break
         ctl.plain_step(0.0, 1, 1)
     assert retried
+
+
+def test_at_a_few_requests_drafting_is_priced_on_this_texts_expected_yield():
+    """At one request the measured drafting rate mixes texts: here the warm-up's text yielded 1.5
+    tokens per 10 ms drafting cycle (150 tokens/s) against 250 for plain cycles. The choice takes
+    drafting's cycle time from the measurements and its yield from what the drafts of this request
+    are expected to give: a request the pooled rates expect 3 accepted drafts of drafts (400 tokens/s),
+    one whose drafts keep failing does not; under load the measured rate stands."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    m = PlainOrDraft()
+    m.warmup_drafts = 0
+    for _ in range(20):
+        m.observe(1, True, 1.5, 0.010)
+        m.observe(1, False, 1.0, 0.004)
+        m.observe(16, True, 24.0, 0.010)
+        m.observe(16, False, 16.0, 0.004)
+    assert not m.prefer_draft(1), "measured: plain decoding wins"
+    assert m.prefer_draft(1, draft_yield=4.0) and m.settled
+    assert not m.prefer_draft(1, draft_yield=2.0)
+    assert not m.prefer_draft(16, draft_yield=64.0), "under load the batch's measured rate stands"
+
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.modes = m
+    for _ in range(40):  # the traffic's drafts: ~3 of 7 accepted
+        ctl.observe_outcomes(np.full((1, 7), np.nan), [7], [3], ["other"])
+    assert ctl.draft_yield(["new"]) == pytest.approx(4.0, abs=0.4)
+    assert ctl.wants_draft(1, ["new"]), "a request with no record of its own: the traffic's yield"
+    for _ in range(4):
+        ctl.observe_outcomes(np.full((1, 7), np.nan), [7], [0], ["hard"])
+    assert ctl.draft_yield(["hard"]) < 2.0
+    before = ctl.requests.factors(["hard"])[0]
+    assert not ctl.wants_draft(1, ["hard"])
+    assert ctl.requests.factors(["hard"])[0] > before, "its record fades while it decodes plainly"
+    retried = next(i for i in range(200) if ctl.wants_draft(1, ["hard"]))
+    assert 5 < retried < 60
 
 
 def test_new_requests_under_load_do_not_bring_early_retries():
@@ -632,6 +672,27 @@ def test_prefill_cycles_under_load_are_a_cost_of_their_mode():
     cycles = rates["draft"][1]
     ctl.close_cycle(now + 1.0, 16 * 100, 0, [f"idle{i}" for i in range(16)])
     assert rates["draft"][1] == cycles
+
+
+def test_a_new_load_arriving_is_no_cost_of_the_cycle_before_it():
+    """A closed loop's first request is admitted alone, its 15 companions prefilled in the next
+    step (here 130 ms): that one-request cycle continues into the next step, but the step brings
+    a new load, so it is not counted at one request. A prefill beside the running requests that
+    brings fewer new requests than it continues is (the previous test)."""
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.modes.warmup_drafts = 0
+    now = 0.0
+    for _ in range(20):  # one request drafting: 3 tokens in 10 ms
+        ctl.close_cycle(now, 8, 2, ["a"])
+        ctl.open_cycle(now, 1, 7, req_ids=["a"])
+        now += 0.010
+    rate = ctl.modes.rates[0]["draft"]
+    assert rate[0] == pytest.approx(300, rel=1e-6)
+    ctl.close_cycle(now + 0.13, 8 + 15 * 48, 2, ["a"] + [f"n{i}" for i in range(15)])
+    assert rate[0] == pytest.approx(300, rel=1e-6) and rate[1] == 19
+    ctl.open_cycle(now, 2, 14, req_ids=["a", "b"])  # two running: one new beside one continuing counts
+    ctl.close_cycle(now + 0.02, 16 + 48, 4, ["a", "c"])
+    assert ctl.modes.rates[ctl.modes.bucket(2)]["draft"][1] == 1
 
 
 def test_a_vetoed_batch_keeps_its_veto_for_a_few_steps(monkeypatch):

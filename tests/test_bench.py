@@ -148,3 +148,25 @@ def test_soak_counts_5xx_and_broken_connections_as_server_failures():
                                                    "http_503", "error")}
     assert failed == {"ok": False, "cancelled": False, "http_400": False, "http_429": False, "http_500": True,
                       "http_503": True, "error": True}
+
+
+def test_trace_file_sink_writes_per_process_lines_read_back_in_time_order(tmp_path, monkeypatch):
+    """``DFLASH_VLLM_TRACE``'s sink: nothing is written until there is an event, then
+    ``PREFIX.<pid>.jsonl`` in batches and on flush; ``read_events`` merges every process's file
+    in time order."""
+    from dflash_vllm.bench import trace
+
+    prefix = str(tmp_path / "sub" / "trace")
+    sink = trace.FileSink(prefix, batch=2)
+    sink.flush()
+    assert not (tmp_path / "sub").exists()
+    sink({"t": 3.0, "reqs": 1})
+    assert not (tmp_path / "sub").exists(), "written in batches"
+    sink({"t": 1.0, "reqs": 2})
+    other = tmp_path / "sub" / "trace.999999.jsonl"  # another process's file
+    other.write_text(json.dumps({"t": 2.0, "reqs": 3}) + "\n")
+    sink({"t": 4.0, "reqs": 4})
+    sink.flush()
+    assert [e["reqs"] for e in trace.read_events(prefix)] == [2, 3, 1, 4]
+    monkeypatch.delenv(trace.TRACE_ENV, raising=False)
+    assert not trace.install_from_env()
