@@ -413,6 +413,7 @@ class PlainOrDraft:
         self.rates: dict[int, dict[str, list[float]]] = {}
         self._since: dict[int, int] = {}
         self._retry: dict[int, tuple[bool, int]] = {}  # bucket -> (mode retried: draft?, cycles left)
+        self.held = 0  # steps that held a due retry of drafting while the batch ran in lockstep
         self.retrying = False  # the last prefer_draft answered for a retry of the losing mode
         self.settled = False  # the last prefer_draft answered with the winner of two known modes
 
@@ -442,11 +443,14 @@ class PlainOrDraft:
         mean = v[5] / v[4]
         return math.sqrt(max(0.0, v[6] / v[4] - mean * mean))
 
-    def prefer_draft(self, num_reqs: int, new_text: bool = False, draft_yield: float | None = None) -> bool:
+    def prefer_draft(self, num_reqs: int, new_text: bool = False, draft_yield: float | None = None,
+                     lockstep: Callable[[], bool] | None = None) -> bool:
         """Whether this step drafts. ``new_text``: at least half the batch's requests are new since
         drafting last ran in this bucket. ``draft_yield``: tokens a drafting cycle is expected to
         yield on this batch's text; at a few requests it replaces the measured yield
-        (``text_rate``)."""
+        (``text_rate``). ``lockstep``: asked only when a retry of drafting is due at more than a
+        few requests; True holds it (the batch's requests would all end at the same step decoding
+        plainly: see ``held``)."""
         b = self.bucket(num_reqs)
         retry = self._retry.get(b)
         self.retrying = retry is not None
@@ -474,6 +478,11 @@ class PlainOrDraft:
                 and loser[0] + self.spread(loser) >= winner[0]):
             interval = n  # new text may suit the drafter: retry now
         if n >= interval:
+            if not best and lockstep is not None and not self.few(num_reqs) and lockstep():
+                self._since[b] = n  # due, and held: it starts at the first step out of lockstep
+                self.held += 1
+                self.settled = True
+                return False
             self._since[b] = 0
             if self.explore_cycles > 1:
                 self._retry[b] = (not best, self.explore_cycles - 1)
@@ -673,16 +682,19 @@ class AdaptiveController:
         for observe, args in pending:
             observe(*args)
 
-    def wants_draft(self, num_reqs: int, req_ids: list[str] | None = None) -> bool:
+    def wants_draft(self, num_reqs: int, req_ids: list[str] | None = None,
+                    lockstep: Callable[[], bool] | None = None) -> bool:
         """After a plain step (the drafter idle): whether the next one drafts. Asked once per step;
         when it says yes, ``select`` takes the answer instead of asking again. ``req_ids``, the
-        batch's requests, tell whether its text is new since drafting last ran at this batch size."""
+        batch's requests, tell whether its text is new since drafting last ran at this batch size.
+        ``lockstep``: whether the batch's requests would all end at the same step decoding plainly
+        (asked only when a retry of drafting is due; ``PlainOrDraft.prefer_draft``)."""
         new_text, draft_yield = False, None
         if req_ids and self.modes.few(num_reqs):
             seen = self._drafted_ids.get(PlainOrDraft.bucket(num_reqs))
             new_text = seen is not None and 2 * sum(rid not in seen for rid in req_ids) >= len(req_ids)
             draft_yield = self.draft_yield(req_ids)
-        self._mode_checked = self.modes.prefer_draft(num_reqs, new_text, draft_yield)
+        self._mode_checked = self.modes.prefer_draft(num_reqs, new_text, draft_yield, lockstep)
         if not self._mode_checked and draft_yield is not None:
             self.requests.idle(req_ids)  # a plain step: their evidence fades, so they are retried
         return self._mode_checked

@@ -74,6 +74,40 @@ def feature_columns(target_layer_ids: tuple[int, ...], hidden_size: int) -> torc
     return torch.cat(cols)
 
 
+# Requests whose ends under plain decoding lie within this many steps of each other run in
+# lockstep (``in_lockstep``): a closed loop's first request is often admitted a step or two before
+# its companions, and requests can arrive over a few steps.
+LOCKSTEP_SLACK = 4
+
+
+def in_lockstep(runner, req_ids: list[str], slack: int = LOCKSTEP_SLACK) -> bool:
+    """Whether the batch's requests (``req_ids``, in batch order) would all end within ``slack``
+    steps of each other decoding plainly: each has about as many tokens left to its
+    ``max_tokens`` (unless it stops early). Requests started together with one ``max_tokens`` run
+    so; so do the waves of a closed loop of such requests, each admitted as the last one ends."""
+    batch = runner.input_batch
+    n = len(req_ids)
+    if n == 0:
+        return False
+    produced = (batch.num_tokens_no_spec[:n] - batch.num_prompt_tokens[:n]).tolist()
+    lo = hi = None
+    for rid, done in zip(req_ids, produced, strict=True):
+        state = runner.requests.get(rid)
+        params = None if state is None else state.sampling_params
+        if params is None or params.max_tokens is None:
+            return False
+        left = params.max_tokens - done
+        if lo is None:
+            lo = hi = left
+        elif left < lo:
+            lo = left
+        elif left > hi:
+            hi = left
+        if hi - lo > slack:
+            return False
+    return True
+
+
 class DFlashVllmProposer(SpecDecodeBaseProposer):
     """dflash-vllm's proposer; stands where vLLM builds its ``DFlashProposer``."""
 
@@ -119,6 +153,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         self._outcomes: list[tuple[np.ndarray, int, int, str]] = []
         self._outcome_steps = 0
         self._preselected: tuple[list[str], np.ndarray] | None = None  # stay_plain's choice for propose
+        self._lockstep_seen: tuple[list[str], bool] | None = None  # (requests, in_lockstep) of a plain step
         self._profiling = False
         self._steps = 0
         self._describe_every = max(1, int(os.environ.get("DFLASH_DESCRIBE_EVERY", 500)))  # steps between debug logs
@@ -222,6 +257,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         if ctl is not None:
             t_begin = self._now()
             resumed, self._resumed = self._resumed, False  # this step ran plain; drafting resumes
+            self._lockstep_seen = None  # a drafting step: requests advance unevenly
             ctl.begin_step(t_begin, cad.num_actual_tokens, plain=resumed)
             self._steps += 1
             if self._steps % self._describe_every == 0:
@@ -377,7 +413,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         ctl = self.adaptive
         if self._force_plain:
             return False
-        if not ctl.wants_draft(num_reqs, req_ids):
+        if not ctl.wants_draft(num_reqs, req_ids, None if req_ids is None else lambda: self._in_lockstep(req_ids)):
             return False
         if req_ids is None:
             return True
@@ -386,6 +422,14 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         sel = ctl.select(req_ids, self._uncapped(num_reqs, k) if caps is None else caps, 1 + k)
         self._preselected = (req_ids, sel) if sel.any() else None
         return self._preselected is not None
+
+    def _in_lockstep(self, req_ids: list[str]) -> bool:
+        """``in_lockstep`` for this batch, asked again only when its requests change: plain steps
+        advance every request by one token, and a drafting step asks afresh (``propose``)."""
+        seen = self._lockstep_seen
+        if seen is None or seen[0] != req_ids:
+            seen = self._lockstep_seen = (req_ids, in_lockstep(self._runner, req_ids))
+        return seen[1]
 
     # -- helpers of the drafting step ----------------------------------------------------------
     def _backfill(self, cad: CommonAttentionMetadata, req_ids: list[str]) -> None:

@@ -26,7 +26,9 @@ Ablations of the adaptive controller (diagnostics only): ``cut1`` the cut also f
 request (``cut_from_reqs=1``), ``nocut`` no cut at all, ``noveto`` no per-request choice at a few
 requests (only PlainOrDraft picks plain steps), ``noplain`` never a plain step by the measured
 rates, ``forceplain`` every step plain (as ``DFLASH_VLLM_FORCE_PLAIN=1``), ``notext`` the mode
-choice on the measured rates alone at a few requests too (not on this text's expected yield).
+choice on the measured rates alone at a few requests too (not on this text's expected yield),
+``nohigh`` no retry of drafting at 8 or more requests once both modes are measured, ``nohold`` a
+retry of drafting starts when due even while the batch runs in lockstep.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in 
 
 import numpy as np  # noqa: E402
 
-ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext")
+ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext", "nohigh", "nohold")
 
 
 def ablate(proposer, ablations: list[str]) -> None:
@@ -64,6 +66,20 @@ def ablate(proposer, ablations: list[str]) -> None:
             proposer._force_plain = proposer.plain = True
         elif name == "notext":  # the mode choice on measured rates alone, also at a few requests
             ctl.modes.text_rate = lambda v, tokens_per_cycle: v
+        elif name == "nohigh":  # no retry of drafting at 8 or more requests once both modes are measured
+            def calm(num_reqs, new_text=False, draft_yield=None, lockstep=None, prefer=ctl.modes.prefer_draft,
+                     modes=ctl.modes):
+                if num_reqs >= 8 and len(modes._known(modes.bucket(num_reqs))) == 2:
+                    modes.retrying = modes.settled = False
+                    return False
+                return prefer(num_reqs, new_text, draft_yield, lockstep)
+
+            ctl.modes.prefer_draft = calm
+        elif name == "nohold":  # a retry of drafting starts when due, the batch in lockstep or not
+            def unheld(num_reqs, new_text=False, draft_yield=None, lockstep=None, prefer=ctl.modes.prefer_draft):
+                return prefer(num_reqs, new_text, draft_yield)
+
+            ctl.modes.prefer_draft = unheld
         elif name == "noplain":
             ctl.modes.prefer_draft = lambda num_reqs, new_text=False: True
         else:
@@ -170,7 +186,8 @@ def main() -> None:
               f"plain steps {getattr(prop, 'plain_steps', 0)}, outputs equal to {base}'s {same}/{n}")
         ctl = getattr(prop, "adaptive", None)
         if ctl is not None:
-            print(f"{'':>12}drafting steps {ctl._drafting_steps}; {ctl.describe()}")
+            print(f"{'':>12}drafting steps {ctl._drafting_steps}, retries held in lockstep {ctl.modes.held}; "
+                  f"{ctl.describe()}")
 
 
 if __name__ == "__main__":

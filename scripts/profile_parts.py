@@ -2,13 +2,15 @@
 diagnostic, not a benchmark): the runner's phases, the scheduler, the rejection sampler, the
 drafter's ``propose`` and, for the plugin, its own phases and the adaptive controller's calls.
 
-Runs 4 warm-up prompts, then ``--prompts-n`` prompts x ``--max-tokens`` at one request at a time
-(the bench's closed loop), timing each wrapped method with ``perf_counter``. Steps are the
+Runs 4 warm-up prompts, then ``--prompts-n`` prompts x ``--max-tokens`` at ``--concurrency``
+requests at a time (the bench's closed loop; a warm-up loop at that concurrency too, if above 1), timing each wrapped method with ``perf_counter``. Steps are the
 scheduler's ``schedule`` calls. Alternate modes over several runs: one engine instance differs
 from the next by up to ~20% on a 2-core CPU.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 DFLASH_VLLM_DISABLE=1 .venv/bin/python scripts/profile_parts.py builtin
     VLLM_ENABLE_V1_MULTIPROCESSING=0 .venv/bin/python scripts/profile_parts.py plugin-fixed --json fixed.json
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 DFLASH_VLLM_FORCE_PLAIN=1 .venv/bin/python scripts/profile_parts.py plugin \
+        --concurrency 16 --prompts-n 64   # what a plain step costs in a speculative engine
 
 With ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (as served) the engine core runs in another process:
 only tokens/s is measured then. ``DFLASH_VLLM_DISABLE`` must match the mode (1 for ``builtin``).
@@ -48,6 +50,7 @@ def main() -> int:
     ap.add_argument("mode", choices=["baseline", "builtin", "plugin-fixed", "plugin"])
     ap.add_argument("--prompts-n", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     if (os.environ.get("DFLASH_VLLM_DISABLE") == "1") != (args.mode == "builtin"):
@@ -55,6 +58,7 @@ def main() -> int:
 
     from vllm import LLM, SamplingParams
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
     from vllm.v1.sample.rejection_sampler import RejectionSampler
     from vllm.v1.spec_decode.dflash import DFlashProposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -62,6 +66,7 @@ def main() -> int:
     from dflash_vllm.adaptive import AdaptiveController
     from dflash_vllm.bench.engine_job import _closed_loop
     from dflash_vllm.bench.runner import BenchConfig, engine_spec
+    from dflash_vllm.context_backlog import ContextBacklog
     from dflash_vllm.demo import shipped_pair
     from dflash_vllm.proposer import DFlashVllmProposer
     from dflash_vllm.training.data import read_prompts
@@ -71,13 +76,16 @@ def main() -> int:
         sys.exit("dflash_vllm/demo_pair/ is missing: run scripts/build_demo_pair.py")
     target, drafter = pair
     prompts = read_prompts(target.parent / "eval_prompts.jsonl")
-    cfg = BenchConfig(target=str(target), drafter=str(drafter), prompts=prompts, concurrency=[1])
+    cfg = BenchConfig(target=str(target), drafter=str(drafter), prompts=prompts, concurrency=[args.concurrency])
     llm = LLM(**engine_spec(cfg, args.mode)["engine"])
 
     for name in ("execute_model", "sample_tokens", "propose_draft_token_ids", "_prepare_inputs",
                  "_update_states", "_bookkeeping_sync", "_model_forward"):
         wrap(GPUModelRunner, name, "runner." + name)
     wrap(Scheduler, "schedule", "sched.schedule")
+    wrap(EngineCore, "step", "core.step")
+    wrap(EngineCore, "post_step", "core.post_step")
+    wrap(ContextBacklog, "record", "plugin.backlog.record")
     wrap(Scheduler, "update_from_output", "sched.update")
     wrap(RejectionSampler, "forward", "rejection")
     wrap(DFlashProposer, "propose", "drafter.propose")
@@ -89,13 +97,16 @@ def main() -> int:
                  "plain_step", "wants_draft"):
         wrap(AdaptiveController, name, "controller." + name)
 
-    _closed_loop(llm, prompts[-4:], [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)] * 4, 1)
+    warm = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    _closed_loop(llm, prompts[-4:], [warm] * 4, 1)
+    if args.concurrency > 1:
+        _closed_loop(llm, prompts[-4 * args.concurrency:], [warm] * 4 * args.concurrency, args.concurrency)
     SECONDS.clear()
     CALLS.clear()
     work = prompts[: args.prompts_n]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     t = time.perf_counter()
-    outs = _closed_loop(llm, work, [params] * len(work), 1)
+    outs = _closed_loop(llm, work, [params] * len(work), args.concurrency)
     wall = time.perf_counter() - t
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = CALLS["sched.schedule"]

@@ -510,6 +510,47 @@ def test_new_requests_under_load_do_not_bring_early_retries():
     assert tries(PlainOrDraft(turnover_max_reqs=16)) > 2 * under_load
 
 
+def test_a_retry_of_drafting_waits_while_the_batch_runs_in_lockstep():
+    """Requests that would all end at the same step decoding plainly (a closed loop of equal-length
+    requests) stay so while no retry of drafting breaks their step: a due retry is held while the
+    batch runs in lockstep, and starts at the first step out of it. At a few requests, and while
+    no retry is due, lockstep is not even asked."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    def trained() -> PlainOrDraft:
+        m = PlainOrDraft()
+        m.warmup_drafts = 0
+        for _ in range(20):  # drafting 1,200 tokens/s, plain 1,600, at 16 and at 2 requests
+            m.observe(16, True, 48.0, 0.040)
+            m.observe(16, False, 16.0, 0.010)
+            m.observe(2, True, 6.0, 0.005)
+            m.observe(2, False, 2.0, 0.00125)
+        return m
+
+    asked = []
+
+    def lockstep(answer: bool):
+        def ask() -> bool:
+            asked.append(answer)
+            return answer
+        return ask
+
+    free, held = trained(), trained()
+    free_tries = [free.prefer_draft(16, lockstep=lockstep(False)) for _ in range(2000)]
+    n_asked = len(asked)
+    assert 4 <= sum(free_tries) < 200 and 0 < n_asked <= sum(free_tries), "asked only when a retry is due"
+    assert free.held == 0
+    held_tries = [held.prefer_draft(16, lockstep=lockstep(True)) for _ in range(2000)]
+    assert not any(held_tries) and held.held > 1000, "held for as long as the batch runs in lockstep"
+    assert held.settled and not held.retrying
+    assert held.prefer_draft(16, lockstep=lockstep(False)), "out of lockstep: the due retry starts at once"
+    assert held.retrying
+    asked.clear()
+    few = trained()
+    assert sum(few.prefer_draft(2, lockstep=lockstep(True)) for _ in range(2000)) >= 4 and not asked, (
+        "at a few requests drafting is priced on the text, retries are not held")
+
+
 def test_cycles_are_counted_by_mode_not_by_drafts_sent():
     """A drafting step whose drafts were all cut, and the step that hands over to plain decoding,
     are costs of drafting: their cycles count as drafting, whatever they sent. Only plain steps

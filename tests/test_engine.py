@@ -5,9 +5,12 @@ Each mode runs in its own engine process (module-scoped: four engine starts for 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from dflash_vllm.bench import trace
 from dflash_vllm.bench.engine_job import run_engine_jobs
+from dflash_vllm.bench.trace import TRACE_ENV
 from dflash_vllm.proposer import DUMP_FEATURES_ENV
 
 from .conftest import PROMPTS, engine_kwargs
@@ -18,6 +21,9 @@ K = 7  # block size 8
 # Per-request budgets, none a multiple of the block, so requests end at different steps.
 MAX_TOKENS = [45, 13, 60, 29, 51, 37, 22, 3, 58]
 GREEDY = {"name": "greedy", "prompts": PROMPTS, "sampling": {"temperature": 0.0}, "max_tokens": MAX_TOKENS}
+# requests started together with one max_tokens, run to it: they end at the same step decoding plainly
+LOCKSTEP = {"name": "lockstep", "prompts": PROMPTS[:4], "sampling": {"temperature": 0.0, "ignore_eos": True},
+            "max_tokens": [40] * 4}
 PROPOSER_LINE = "DFlash proposer active"
 FIXED = {"additional_config": {"dflash": {"adaptive": False}}}  # fixed length: comparable with the built-in
 # per-request control: no drafts, at most 2, at most 0 through the flat vllm_xargs spelling, defaults
@@ -61,7 +67,9 @@ def runs(tiny_pair, tmp_path_factory):
         "capped": _run(tmp, "capped", engine_kwargs(
             t, d, num_speculative_tokens=K, per_request_spec_decode_metrics="detailed", **FIXED), [
             {**GREEDY, "name": "capped", "extra_args": CAPS}]),
-        "adaptive": _run(tmp, "adaptive", engine_kwargs(t, d, num_speculative_tokens=K), [GREEDY]),
+        "adaptive": _run(tmp, "adaptive", engine_kwargs(t, d, num_speculative_tokens=K), [GREEDY, LOCKSTEP],
+                         env={TRACE_ENV: str(tmp / "trace")}),
+        "trace": tmp / "trace",
         # the Triton kernels (block inputs, context K/V, draft selection) under TRITON_INTERPRET=1
         "triton": _run(tmp, "triton", engine_kwargs(
             t, d, num_speculative_tokens=K,
@@ -173,6 +181,21 @@ def test_adaptive_stops_drafting_what_is_never_accepted(runs):
     assert adaptive["num_draft_tokens"] < 0.5 * fixed["num_draft_tokens"], (adaptive, fixed)
     assert "adaptive=True" in runs["adaptive"]["log"]
     assert "target step profile" in runs["adaptive"]["log"]
+
+
+def test_lockstep_is_read_from_the_engines_requests(runs):
+    """The plain steps' lockstep (requests ending within LOCKSTEP_SLACK steps of each other: a
+    retry of drafting is held while it lasts) as the adaptive engine read it from vLLM's state:
+    never for three or more of the greedy job's requests (started together, max_tokens 3-60),
+    throughout the lockstep job (four started within a step or two, one max_tokens, no EOS)."""
+    events = trace.read_events(str(runs["trace"]))
+    admitted = np.cumsum([e["new"] for e in events])  # the greedy job's prompts, then the lockstep job's
+    start = int(np.argmax(admitted > len(GREEDY["prompts"])))
+    assert admitted[start] > len(GREEDY["prompts"]) and admitted[-1] == len(GREEDY["prompts"]) + len(LOCKSTEP["prompts"])
+    greedy = [e["lockstep"] for e in events[:start] if "lockstep" in e and e["reqs"] > 2]
+    lockstep = [e["lockstep"] for e in events[start:] if "lockstep" in e]
+    assert greedy and not any(greedy), greedy
+    assert len(lockstep) > 10 and all(lockstep), lockstep
 
 
 def test_triton_kernels_draft_what_the_references_draft(runs):

@@ -22,6 +22,7 @@ def _proposer(num_reqs: int) -> DFlashVllmProposer:
     p._caps = {}
     p._full_caps = np.zeros(0, dtype=np.int64)
     p._preselected = None
+    p._lockstep_seen = None
     p._tp_size = 1
     p._sync = False
     p._backlog = None
@@ -96,3 +97,51 @@ def test_plain_steps_record_the_drafters_context_for_when_drafting_resumes():
     assert pos.tolist() == [0, 1, 2, 7, 3, 8, 4, 9]
     assert rows.tolist() == [1, 1, 1, 0, 1, 0, 1, 0]
     assert torch.equal(feats[:, 0], pos.float()) and torch.equal(feats[:, 4], pos.float() + 1000)
+
+
+def _lockstep_runner(produced, prompt_lens, max_tokens):
+    ids = [f"r{i}" for i in range(len(produced))]
+    batch = SimpleNamespace(req_ids=ids, num_tokens_no_spec=np.add(prompt_lens, produced),
+                            num_prompt_tokens=np.asarray(prompt_lens))
+    reqs = {r: SimpleNamespace(sampling_params=None if m is None else SimpleNamespace(max_tokens=m))
+            for r, m in zip(ids, max_tokens, strict=True)}
+    return SimpleNamespace(input_batch=batch, requests=reqs), ids
+
+
+def test_lockstep_is_as_many_tokens_left_for_every_request():
+    from dflash_vllm.proposer import in_lockstep
+
+    runner, ids = _lockstep_runner([5, 5, 5], [40, 7, 300], [128, 128, 128])
+    assert in_lockstep(runner, ids), "prompts of any length, one max_tokens, started together"
+    runner, ids = _lockstep_runner([5, 5, 6], [40, 7, 300], [128, 128, 128])
+    assert in_lockstep(runner, ids), "one request admitted a step before the others"
+    runner, ids = _lockstep_runner([5, 9, 4], [40, 7, 300], [128, 128, 128])
+    assert in_lockstep(runner, ids, slack=5) and not in_lockstep(runner, ids, slack=4)
+    runner, ids = _lockstep_runner([5, 25, 6], [40, 7, 300], [128, 148, 129])
+    assert in_lockstep(runner, ids), "started apart, ending together"
+    runner, ids = _lockstep_runner([5, 5, 5], [40, 7, 300], [128, 100, 128])
+    assert not in_lockstep(runner, ids), "one request ends 28 steps before the others"
+    runner, ids = _lockstep_runner([5, 5], [40, 7], [128, None])
+    assert not in_lockstep(runner, ids)
+    assert not in_lockstep(runner, [])
+
+
+def test_a_due_retry_of_drafting_is_held_for_a_batch_in_lockstep():
+    """After plain steps at 16 requests with drafting measured the loser, the retry that falls due
+    is held while every request has as many tokens left, and starts once one is a token apart."""
+    p = _proposer(16)
+    ctl = p.adaptive
+    ctl.modes.warmup_drafts = 0
+    for _ in range(20):
+        ctl.modes.observe(16, True, 40.0, 0.040)
+        ctl.modes.observe(16, False, 16.0, 0.010)
+    runner, ids = _lockstep_runner([3] * 16, list(range(20, 36)), [64] * 16)
+    p._runner = runner
+    assert all(p.stay_plain(16, 16) for _ in range(1500))
+    assert ctl.modes.held > 100, "the retry fell due and was held ever since"
+    assert not ctl.modes.retrying
+    runner.input_batch.req_ids[4] = "new"  # a request ended, another took its place
+    runner.requests["new"] = SimpleNamespace(sampling_params=SimpleNamespace(max_tokens=32))
+    runner.input_batch.num_tokens_no_spec[4] = runner.input_batch.num_prompt_tokens[4]
+    p.stay_plain(16, 16)  # (the cost model may still veto the step's drafts)
+    assert ctl.modes.retrying, "out of lockstep: the due retry of drafting starts"

@@ -2,8 +2,10 @@
 
 ``install(sink)`` wraps the model runner and the proposer so that every engine step yields one
 dict: its requests, tokens, new prompts and drafts verified, the step's cycle time (``dt``, start
-to next start) and its start (``t``, ``time.time()``), whether it ran plain (``stayed_plain``), the
-mode choice's answer and the rates it saw (``prefer``, ``choice``), the requests the cost model
+to next start) and its start (``t``, ``time.time()``), after a plain step whether the next one
+stays plain (``stayed_plain``) and whether the batch runs in lockstep (``lockstep``), the
+mode choice's answer and the rates it saw (``prefer``, ``choice``; ``held``: the retries of drafting
+it held so far, the batch in lockstep), the requests the cost model
 chose (``chosen``: 0 is its veto), the drafts proposed, the backfill's time, and each cycle the
 controller folded into its measured rates (``cycles``: requests, drafted, tokens, seconds,
 counted; folded in batches, so a cycle lands up to a batch after the step it timed).
@@ -87,8 +89,9 @@ def install(sink: Callable[[dict], None]) -> None:
     def counted(self, ok, dt, num_reqs, drafted, tokens, seconds, busy=False):
         cur.setdefault("cycles", []).append((num_reqs, bool(drafted), float(tokens), float(seconds), bool(ok)))
 
-    def asked(self, out, dt, num_reqs, new_text=False, draft_yield=None):  # the rates the mode choice saw
+    def asked(self, out, dt, num_reqs, new_text=False, draft_yield=None, lockstep=None):  # what the mode choice saw
         cur["prefer"] = bool(out)
+        cur["held"] = self.held  # retries of drafting held in lockstep so far
         known = self._known(self.bucket(num_reqs))
         if "draft" in known and "plain" in known:
             d, pl = known["draft"], known["plain"]
@@ -109,7 +112,11 @@ def install(sink: Callable[[dict], None]) -> None:
     execute_model.__wrapped__ = fn
     GPUModelRunner.execute_model = execute_model
     _wrap(P.DFlashVllmProposer, "propose", after=proposed)
-    _wrap(P.DFlashVllmProposer, "stay_plain", after=lambda self, out, dt, *a, **k: cur.update(stayed_plain=out))
+    def stayed(self, out, dt, num_reqs, *a, **k):
+        ids = self._batch_req_ids(num_reqs)
+        cur.update(stayed_plain=out, lockstep=None if ids is None else P.in_lockstep(self._runner, ids))
+
+    _wrap(P.DFlashVllmProposer, "stay_plain", after=stayed)
     _wrap(P.DFlashVllmProposer, "_backfill", after=lambda self, out, dt, *a, **k: cur.update(backfill_ms=dt * 1e3))
     _wrap(adaptive.PlainOrDraft, "observe", after=counted)
     _wrap(adaptive.PlainOrDraft, "prefer_draft", after=asked)
