@@ -732,8 +732,11 @@ class AdaptiveController:
             for rid, n, a in zip(req_ids, np.asarray(lengths).tolist(), np.asarray(accepted).tolist(), strict=True):
                 observe(rid, float(a), expected[int(n)])
 
-    def select(self, req_ids: list[str], caps: np.ndarray, block_tokens: int) -> np.ndarray:
-        """Before the drafter runs: [R] bool, the requests whose drafts pay at this load."""
+    def select(self, req_ids: list[str], caps: np.ndarray, block_tokens: int,
+               lockstep: Callable[[], bool] | None = None) -> np.ndarray:
+        """Before the drafter runs: [R] bool, the requests whose drafts pay at this load.
+        ``lockstep``: as for ``wants_draft`` (a drafting step at a few requests can hand over to a
+        batch in lockstep: a closed loop's first request drafting alone, its companions joining)."""
         caps = np.asarray(caps)
         checked, self._mode_checked = self._mode_checked, False
         kept = self._kept
@@ -745,7 +748,7 @@ class AdaptiveController:
         if not checked:
             few = self.modes.few(len(req_ids))
             self.declined = not self.modes.prefer_draft(len(req_ids), False,
-                                                        self.draft_yield(req_ids, caps) if few else None)
+                                                        self.draft_yield(req_ids, caps) if few else None, lockstep)
         else:
             self.declined = False
         if self.declined:

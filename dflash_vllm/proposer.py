@@ -294,7 +294,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         pre, self._preselected = self._preselected, None
         if drafting and ctl is not None:
             # stay_plain may already have chosen for this very batch (the step after plain ones)
-            sel = pre[1] if pre is not None and pre[0] == req_ids else ctl.select(req_ids, caps_np, 1 + k)
+            sel = (pre[1] if pre is not None and pre[0] == req_ids
+                   else ctl.select(req_ids, caps_np, 1 + k, lambda: self._in_lockstep(req_ids)))
             declined = pre is None and ctl.declined
             if self._tp_size > 1:  # ranks time their own steps: rank 0 decides for all (collectives)
                 from vllm.distributed import get_tp_group

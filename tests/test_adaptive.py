@@ -550,6 +550,14 @@ def test_a_retry_of_drafting_waits_while_the_batch_runs_in_lockstep():
     assert sum(few.prefer_draft(2, lockstep=lockstep(True)) for _ in range(2000)) >= 4 and not asked, (
         "at a few requests drafting is priced on the text, retries are not held")
 
+    # and from a drafting step (a closed loop's first request drafted alone; its companions joined)
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.modes = trained()
+    ids, caps = [f"r{i}" for i in range(16)], np.full(16, 7)
+    assert not any(ctl.select(ids, caps, 8, lockstep(True)).any() for _ in range(2000))
+    assert ctl.declined and ctl.modes.held > 0
+    assert ctl.select(ids, caps, 8, lockstep(False)).any(), "out of lockstep: the due retry drafts"
+
 
 def test_cycles_are_counted_by_mode_not_by_drafts_sent():
     """A drafting step whose drafts were all cut, and the step that hands over to plain decoding,
