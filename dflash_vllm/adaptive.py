@@ -458,8 +458,8 @@ class PlainOrDraft:
         drafting last ran in this bucket. ``draft_yield``: tokens a drafting cycle is expected to
         yield on this batch's text; at a few requests it replaces the measured yield
         (``text_rate``). ``lockstep``: asked only when a retry of drafting is due at more than a
-        few requests; True holds it (the batch's requests would all end at the same step decoding
-        plainly: see ``held``)."""
+        few requests; True holds it (the batch's requests would end within a few steps of each
+        other decoding plainly: see ``held``)."""
         b = self.bucket(num_reqs)
         retry = self._retry.get(b)
         self.retrying = retry is not None
@@ -696,8 +696,8 @@ class AdaptiveController:
         """After a plain step (the drafter idle): whether the next one drafts. Asked once per step;
         when it says yes, ``select`` takes the answer instead of asking again. ``req_ids``, the
         batch's requests, tell whether its text is new since drafting last ran at this batch size.
-        ``lockstep``: whether the batch's requests would all end at the same step decoding plainly
-        (asked only when a retry of drafting is due; ``PlainOrDraft.prefer_draft``)."""
+        ``lockstep``: whether the batch's requests would end within a few steps of each other
+        decoding plainly (asked only when a retry of drafting is due; ``PlainOrDraft.prefer_draft``)."""
         new_text, draft_yield = False, None
         if req_ids and self.modes.few(num_reqs):
             seen = self._drafted_ids.get(PlainOrDraft.bucket(num_reqs))

@@ -97,12 +97,7 @@ def in_lockstep(runner, req_ids: list[str], slack: int = LOCKSTEP_SLACK) -> bool
         if params is None or params.max_tokens is None:
             return False
         left = params.max_tokens - done
-        if lo is None:
-            lo = hi = left
-        elif left < lo:
-            lo = left
-        elif left > hi:
-            hi = left
+        lo, hi = (left, left) if lo is None else (min(lo, left), max(hi, left))
         if hi - lo > slack:
             return False
     return True

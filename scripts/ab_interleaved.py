@@ -81,7 +81,7 @@ def ablate(proposer, ablations: list[str]) -> None:
 
             ctl.modes.prefer_draft = unheld
         elif name == "noplain":
-            ctl.modes.prefer_draft = lambda num_reqs, new_text=False: True
+            ctl.modes.prefer_draft = lambda num_reqs, *args, **kwargs: True
         else:
             raise SystemExit(f"unknown ablation {name!r}: {', '.join(ABLATIONS)}")
 

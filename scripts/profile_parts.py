@@ -3,8 +3,8 @@ diagnostic, not a benchmark): the runner's phases, the scheduler, the rejection 
 drafter's ``propose`` and, for the plugin, its own phases and the adaptive controller's calls.
 
 Runs 4 warm-up prompts, then ``--prompts-n`` prompts x ``--max-tokens`` at ``--concurrency``
-requests at a time (the bench's closed loop; a warm-up loop at that concurrency too, if above 1), timing each wrapped method with ``perf_counter``. Steps are the
-scheduler's ``schedule`` calls. Alternate modes over several runs: one engine instance differs
+requests at a time (the bench's closed loop; a warm-up loop at that concurrency too, if above 1),
+timing each wrapped method with ``perf_counter``. Steps are the scheduler's ``schedule`` calls. Alternate modes over several runs: one engine instance differs
 from the next by up to ~20% on a 2-core CPU.
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 DFLASH_VLLM_DISABLE=1 .venv/bin/python scripts/profile_parts.py builtin

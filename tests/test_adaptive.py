@@ -511,8 +511,8 @@ def test_new_requests_under_load_do_not_bring_early_retries():
 
 
 def test_a_retry_of_drafting_waits_while_the_batch_runs_in_lockstep():
-    """Requests that would all end at the same step decoding plainly (a closed loop of equal-length
-    requests) stay so while no retry of drafting breaks their step: a due retry is held while the
+    """Requests that would end within a few steps of each other decoding plainly (a closed loop of
+    equal-length requests) stay so while no retry of drafting spreads them: a due retry is held while the
     batch runs in lockstep, and starts at the first step out of it. At a few requests, and while
     no retry is due, lockstep is not even asked."""
     from dflash_vllm.adaptive import PlainOrDraft

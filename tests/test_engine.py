@@ -21,7 +21,7 @@ K = 7  # block size 8
 # Per-request budgets, none a multiple of the block, so requests end at different steps.
 MAX_TOKENS = [45, 13, 60, 29, 51, 37, 22, 3, 58]
 GREEDY = {"name": "greedy", "prompts": PROMPTS, "sampling": {"temperature": 0.0}, "max_tokens": MAX_TOKENS}
-# requests started together with one max_tokens, run to it: they end at the same step decoding plainly
+# requests started together with one max_tokens, run to it: decoding plainly, they end together
 LOCKSTEP = {"name": "lockstep", "prompts": PROMPTS[:4], "sampling": {"temperature": 0.0, "ignore_eos": True},
             "max_tokens": [40] * 4}
 PROPOSER_LINE = "DFlash proposer active"

@@ -128,7 +128,8 @@ def test_lockstep_is_as_many_tokens_left_for_every_request():
 
 def test_a_due_retry_of_drafting_is_held_for_a_batch_in_lockstep():
     """After plain steps at 16 requests with drafting measured the loser, the retry that falls due
-    is held while every request has as many tokens left, and starts once one is a token apart."""
+    is held while every request has as many tokens left, and starts once a request that ends far
+    sooner takes one's place."""
     p = _proposer(16)
     ctl = p.adaptive
     ctl.modes.warmup_drafts = 0
