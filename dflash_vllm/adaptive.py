@@ -424,6 +424,9 @@ class PlainOrDraft:
         self._retry: dict[int, tuple[bool, int]] = {}  # bucket -> (mode retried: draft?, cycles left)
         self.held = 0  # steps that held a due retry of drafting while the batch ran in lockstep
         self.retrying = False  # the last prefer_draft answered for a retry of the losing mode
+        # the last prefer_draft answered a retry's last cycle: the next answer judges what the retry
+        # found, so what it learnt must be in (the proposer's batched outcomes; it clears this)
+        self.retry_done = False
         self.settled = False  # the last prefer_draft answered with the winner of two known modes
 
     @staticmethod
@@ -470,6 +473,7 @@ class PlainOrDraft:
                 self._retry[b] = (mode, left - 1)
             else:
                 del self._retry[b]
+                self.retry_done = True
             return mode
         known = self._known(b)
         if "draft" not in known:
@@ -551,6 +555,70 @@ class PlainOrDraft:
         return True
 
 
+class LoneRequest:
+    """Drafting or plain decoding for a batch of one request, on that request's own recent yield.
+
+    ``yield_ema``: tokens per drafting cycle (1 + accepted drafts), an exponential average
+    (``alpha``) over this request's cycles, starting from the pooled yield. At a drafting step,
+    drafting goes on while it is at least ``hysteresis`` times ``ratio``, a drafting cycle's seconds
+    over a plain one's (the yield at which both modes deliver alike). Below, the next ``wait``
+    steps run plain; then one drafting cycle tries again, and the one after it judges that try. A
+    try that fails makes the next wait ``grow`` times longer (up to ``max_wait``); drafting that
+    pays resets it. A new request starts drafting, on the pooled yield.
+
+    Why: at one request, drafting pays on most text and not on some stretches (on the demo pair,
+    greedy text whose first tokens the drafter cannot predict and the rest almost always). On
+    acceptance maps of 96 prompts (``scripts/acceptance_map.py``: the drafts accepted at every
+    position) priced at a drafting cycle of twice a plain one, the best decoding schedule in
+    hindsight takes 1.19-1.26x fewer plain-step units than drafting every step; this rule, tuned on
+    64 of them, 1.01x/1.06x (``scripts/simulate_modes.py``). The pooled mode choice with per-request
+    factors it replaces at one request waited 13-20 plain steps after a hard start, and returned
+    for at least 4 drafting cycles: 0.95x drafting every step on the eval prompts that turn
+    predictable, 1.05x on those that do not (counted in steps). Here each check is a few float
+    operations a step.
+    """
+
+    def __init__(self, alpha: float = 0.3, hysteresis: float = 0.8, wait: int = 4, grow: float = 1.5,
+                 max_wait: int = 64):
+        self.alpha = alpha
+        self.hysteresis = hysteresis
+        self.wait = wait
+        self.grow = grow
+        self.max_wait = max_wait
+        self.req_id: str | None = None
+        self.yield_ema = 0.0
+        self._next_wait = float(wait)
+        self.left = 0  # plain steps still to run before the next try
+
+    def start(self, req_id: str, prior: float) -> None:
+        self.req_id, self.yield_ema, self._next_wait, self.left = req_id, prior, float(self.wait), 0
+
+    def observe(self, req_id: str, tokens: float) -> None:
+        """A drafting cycle of ``req_id`` yielded ``tokens`` (1 + accepted drafts)."""
+        if req_id == self.req_id:
+            self.yield_ema += self.alpha * (tokens - self.yield_ema)
+
+    def keep_drafting(self, req_id: str, ratio: float, prior: float) -> bool:
+        """At a drafting step: whether it drafts; False starts a run of plain steps."""
+        if req_id != self.req_id:
+            self.start(req_id, prior)
+            return True
+        if self.yield_ema >= self.hysteresis * ratio:
+            self._next_wait = float(self.wait)
+            return True
+        self.left = int(self._next_wait)
+        self._next_wait = min(float(self.max_wait), self._next_wait * self.grow)
+        return False
+
+    def resume(self, req_id: str, prior: float) -> bool:
+        """After a plain step: whether the next step drafts (a new request, or the wait is over)."""
+        if req_id != self.req_id:
+            self.start(req_id, prior)
+            return True
+        self.left -= 1
+        return self.left <= 0
+
+
 class AdaptiveController:
     """The per-engine state behind adaptive drafting; the proposer calls it once per step.
 
@@ -562,7 +630,7 @@ class AdaptiveController:
 
     def __init__(self, max_drafts: int, warmup_drafts: int = 3, explore_every: int = 128,
                  full_every: int = 32, plain_after_veto: int = 8, reselect_every: int = 8,
-                 cut_from_reqs: int = 2, defer_every: int = 1):
+                 cut_from_reqs: int = 2, defer_every: int = 1, lone: bool = True):
         self.max_drafts = max_drafts
         # Timings (step, drafter and cycle times) wait in a list and are folded into the estimates
         # ``defer_every`` at a time (1: at once). Folded each step, right after the model's tensor
@@ -622,6 +690,9 @@ class AdaptiveController:
         self.calibrator = AcceptanceCalibrator(max_drafts)
         self.requests = RequestFactors()
         self.modes = PlainOrDraft()
+        # A batch of one request, once both modes' rates are measured there: its own yield decides
+        # (None: the pooled choice as at a few requests)
+        self.lone: LoneRequest | None = LoneRequest() if lone else None
         self._last_end: float | None = None
         # (start, requests, tokens sent to verify, plain mode, request ids)
         self._cycle: tuple[float, int, int, bool, list[str] | None] | None = None
@@ -650,6 +721,8 @@ class AdaptiveController:
         ``PlainOrDraft.max_step_s`` per cycle."""
         if self._cycle is not None:
             start, num_reqs, verify_tokens, plain, ids = self._cycle
+            if self.lone is not None and num_reqs == 1 and verify_tokens > 1 and ids:
+                self.lone.observe(ids[0], 1 + accepted)  # a lone request's drafts, verified
             if num_tokens <= verify_tokens:
                 self._note(self.modes.observe, num_reqs, not plain, num_reqs + accepted, now - start, False)
             elif ids is not None and req_ids is not None:
@@ -691,6 +764,18 @@ class AdaptiveController:
         for observe, args in pending:
             observe(*args)
 
+    def _lone_terms(self, req_ids: list[str] | None) -> tuple[float, float] | None:
+        """For a batch of one request under ``lone``: (a drafting cycle's seconds over a plain one's,
+        the pooled tokens per drafting cycle), from the measured rates at one request; None while
+        either mode is unmeasured there (the pooled choice learns both first)."""
+        if self.lone is None or req_ids is None or len(req_ids) != 1:
+            return None
+        known = self.modes._known(0)
+        draft, plain = known.get("draft"), known.get("plain")
+        if draft is None or plain is None:
+            return None
+        return (draft[3] / draft[4]) / max(plain[3] / plain[4], 1e-9), draft[2] / draft[4]
+
     def wants_draft(self, num_reqs: int, req_ids: list[str] | None = None,
                     lockstep: Callable[[], bool] | None = None) -> bool:
         """After a plain step (the drafter idle): whether the next one drafts. Asked once per step;
@@ -698,6 +783,10 @@ class AdaptiveController:
         batch's requests, tell whether its text is new since drafting last ran at this batch size.
         ``lockstep``: whether the batch's requests would end within a few steps of each other
         decoding plainly (asked only when a retry of drafting is due; ``PlainOrDraft.prefer_draft``)."""
+        lone = self._lone_terms(req_ids)
+        if lone is not None:
+            self._mode_checked = self.lone.resume(req_ids[0], lone[1])
+            return self._mode_checked
         new_text, draft_yield = False, None
         if req_ids and self.modes.few(num_reqs):
             seen = self._drafted_ids.get(PlainOrDraft.bucket(num_reqs))
@@ -748,6 +837,10 @@ class AdaptiveController:
         batch in lockstep: a closed loop's first request drafting alone, its companions joining)."""
         caps = np.asarray(caps)
         checked, self._mode_checked = self._mode_checked, False
+        lone = self._lone_terms(req_ids)
+        if lone is not None:
+            self.declined = not (checked or self.lone.keep_drafting(req_ids[0], *lone))
+            return np.zeros(1, dtype=bool) if self.declined else caps > 0
         kept = self._kept
         if not checked and kept is not None and kept[4] and kept[2] > 0 and self._same_batch(kept, req_ids, caps):
             kept[2] -= 1  # drafting in full stands: neither the measured rates nor the cost model asked

@@ -276,6 +276,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         if req_ids is not None:
             accepted = self._learn_from_last_step(req_ids, cad, num_rejected_tokens_gpu)
             if ctl is not None:
+                if ctl.modes.retry_done:  # a retry of drafting ended: judge it on all it found
+                    ctl.modes.retry_done = False
+                    self._flush_outcomes()
                 ctl.close_cycle(t_begin, cad.num_actual_tokens, accepted, req_ids)
             caps = self._request_caps(req_ids, k)
         if caps is None:  # every request drafts up to k

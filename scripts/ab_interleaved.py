@@ -28,7 +28,8 @@ requests (only PlainOrDraft picks plain steps), ``noplain`` never a plain step b
 rates, ``forceplain`` every step plain (as ``DFLASH_VLLM_FORCE_PLAIN=1``), ``notext`` the mode
 choice on the measured rates alone at a few requests too (not on this text's expected yield),
 ``nohigh`` no retry of drafting at 8 or more requests once both modes are measured, ``nohold`` a
-retry of drafting starts when due even while the batch runs in lockstep.
+retry of drafting starts when due even while the batch runs in lockstep, ``nolone`` a lone request's
+mode chosen as at a few requests (not by ``LoneRequest``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in 
 
 import numpy as np  # noqa: E402
 
-ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext", "nohigh", "nohold")
+ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext", "nohigh", "nohold", "nolone")
 
 
 def ablate(proposer, ablations: list[str]) -> None:
@@ -80,6 +81,8 @@ def ablate(proposer, ablations: list[str]) -> None:
                 return prefer(num_reqs, new_text, draft_yield)
 
             ctl.modes.prefer_draft = unheld
+        elif name == "nolone":  # a lone request decided by the pooled choice, as at a few requests
+            ctl.lone = None
         elif name == "noplain":
             ctl.modes.prefer_draft = lambda num_reqs, *args, **kwargs: True
         else:

@@ -254,7 +254,7 @@ def test_a_settled_drafting_batch_skips_the_mode_choice_and_still_retries_on_tim
     monkeypatch.setattr(PlainOrDraft, "prefer_draft", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
 
     def controller() -> AdaptiveController:
-        ctl = AdaptiveController(max_drafts=7, reselect_every=8)
+        ctl = AdaptiveController(max_drafts=7, reselect_every=8, lone=False)  # the pooled choice
         ctl.step_cost.set_profile({1: 5e-3, 8: 5.5e-3})
         for _ in range(ctl.warmup_drafts + 2):
             ctl.end_step(0.0, 1, 8, 1e-4)  # a cheap drafter: drafting pays
@@ -417,11 +417,11 @@ def test_a_new_request_retries_drafting_judged_on_another_text():
     when the next request begins, not a few hundred steps later: each easy request drafts from its
     first steps. Without the retry on new text, the first easy request runs mostly plain."""
     texts = ["hard", "hard", "easy", "easy", "hard", "easy"]
-    runs = _requests_one_at_a_time(AdaptiveController(max_drafts=7), texts)
+    runs = _requests_one_at_a_time(AdaptiveController(max_drafts=7, lone=False), texts)
     assert sum(runs[1]) <= 4, "on hard text plain decoding wins (one 4-cycle retry)"
     for i in (2, 3, 5):
         assert any(runs[i][:4]) and sum(runs[i]) / len(runs[i]) > 0.8, (i, runs[i][:20])
-    ctl = AdaptiveController(max_drafts=7)
+    ctl = AdaptiveController(max_drafts=7, lone=False)
     ctl.modes.turnover_factor = 1  # retries on the budget alone
     late = _requests_one_at_a_time(ctl, texts)
     assert sum(late[2]) / len(late[2]) < 0.5, "the budget alone retries too late for this request"
@@ -431,7 +431,7 @@ def test_a_retry_at_one_request_is_not_vetoed_by_another_texts_rates():
     """Drafts learnt on hard text (1 in 7 accepted) make the cost model veto drafting for any new
     request before the drafter runs. A retry of drafting at one request still drafts: it is there
     to measure this request's text (the cut then decides on the drafter's confidences)."""
-    ctl = AdaptiveController(max_drafts=7)
+    ctl = AdaptiveController(max_drafts=7, lone=False)  # the pooled choice
     ctl.step_cost.set_profile({1: 4e-3, 8: 5e-3, 64: 20e-3})
     for _ in range(3):
         ctl.draft_cost.observe(8, 3e-3)
@@ -473,7 +473,7 @@ def test_at_a_few_requests_drafting_is_priced_on_this_texts_expected_yield():
     assert not m.prefer_draft(1, draft_yield=2.0)
     assert not m.prefer_draft(16, draft_yield=64.0), "under load the batch's measured rate stands"
 
-    ctl = AdaptiveController(max_drafts=7)
+    ctl = AdaptiveController(max_drafts=7, lone=False)  # the pooled choice
     ctl.modes = m
     for _ in range(40):  # the traffic's drafts: ~3 of 7 accepted
         ctl.observe_outcomes(np.full((1, 7), np.nan), [7], [3], ["other"])
@@ -788,3 +788,102 @@ def test_deferred_timings_fold_into_the_same_estimates_in_order():
     assert deferred.step_cost.points() == now.step_cost.points()
     assert deferred.draft_cost.points() == now.draft_cost.points()
     assert deferred.modes.rates == now.modes.rates and now.modes.rates
+
+
+def test_a_lone_request_decodes_plainly_through_a_hard_stretch_and_tries_again_after_growing_waits():
+    """``LoneRequest``: drafting goes on while the request's recent yield is at least
+    ``hysteresis`` x the cost ratio; below it, ``wait`` plain steps, one drafting try, and a wait
+    ``grow`` times longer after each try that fails; drafting that pays resets the wait; a new request
+    starts drafting on the pooled yield."""
+    from dflash_vllm.adaptive import LoneRequest
+
+    rule = LoneRequest(alpha=0.3, hysteresis=0.8, wait=4, grow=1.5, max_wait=64)
+    ratio, prior = 2.0, 4.0  # plain pays below 0.8 x 2 = 1.6 tokens per drafting cycle
+    assert rule.keep_drafting("a", ratio, prior) and rule.yield_ema == prior
+    cycles = 0
+    while rule.keep_drafting("a", ratio, prior):
+        rule.observe("a", 1.0)  # nothing accepted
+        cycles += 1
+    assert rule.yield_ema < 1.6 <= rule.yield_ema / 0.7 - 0.3 / 0.7, "plain at the first check below"
+    assert cycles == 5
+
+    def plain_steps() -> int:
+        n = 1
+        while not rule.resume("a", prior):
+            n += 1
+        return n
+
+    waits = []
+    for _ in range(4):  # a try that fails each time
+        waits.append(plain_steps())
+        rule.observe("a", 1.0)
+        assert not rule.keep_drafting("a", ratio, prior)
+    assert waits == [4, 6, 9, 13]
+    assert plain_steps() == 20
+    rule.observe("a", 8.0)  # the text turned predictable: 7 of 7 accepted
+    assert rule.keep_drafting("a", ratio, prior)
+    for _ in range(6):
+        rule.observe("a", 1.0)
+        if not rule.keep_drafting("a", ratio, prior):
+            break
+    assert plain_steps() == 4, "drafting that paid reset the wait"
+    rule.observe("other", 8.0)
+    assert rule.keep_drafting("b", ratio, prior) and rule.yield_ema == prior, "a new request drafts"
+    assert rule.resume("c", prior) and rule.req_id == "c", "new after a plain step: drafts at once"
+
+
+def test_the_controller_runs_a_lone_request_by_its_own_yield_once_both_modes_are_measured():
+    """At one request, once drafting's and plain decoding's rates are measured there, the controller
+    asks ``LoneRequest``: the verified drafts of each cycle feed it (a step that sent none does
+    not), ``select`` declines when its yield drops, ``wants_draft`` resumes after the wait. Before
+    both rates are known, the pooled choice learns them; at two requests it decides as before."""
+    ctl = AdaptiveController(max_drafts=7)
+    one = np.array([7])
+    assert ctl._lone_terms(["a"]) is None
+    ctl.modes.warmup_drafts = 0
+    for _ in range(20):
+        ctl.modes.observe(1, True, 4.0, 8e-3)
+        ctl.modes.observe(1, False, 1.0, 4e-3)
+    ratio, prior = ctl._lone_terms(["a"])
+    assert ratio == pytest.approx(2.0) and prior == pytest.approx(4.0)
+    assert ctl._lone_terms(["a", "b"]) is None
+
+    t, decided = 0.0, []
+    for _ in range(12):
+        sel = ctl.select(["a"], one, 8)
+        decided.append(bool(sel.any()))
+        if not sel.any():
+            break
+        ctl.open_cycle(t, 1, 7, req_ids=["a"])
+        t += 8e-3
+        ctl.close_cycle(t, 8, 0, ["a"])  # none of the 7 accepted
+    assert decided == [True] * 5 + [False] and ctl.declined  # as in the test above
+    ema = ctl.lone.yield_ema
+    ctl.open_cycle(t, 1, 0, req_ids=["a"])  # the step that hands over: no drafts sent
+    ctl.close_cycle(t + 4e-3, 1, 0, ["a"])
+    assert ctl.lone.yield_ema == ema, "a cycle with no drafts is no evidence"
+    assert [ctl.wants_draft(1, ["a"]) for _ in range(4)] == [False, False, False, True]
+    assert ctl.select(["a"], one, 8).all(), "the try drafts whatever the cost model says"
+    assert ctl.wants_draft(1, ["b"]), "a new request drafts at once"
+
+
+def test_the_answer_after_a_retry_of_drafting_knows_it_ended():
+    """``PlainOrDraft.retry_done`` marks the answer for a retry's last cycle: the proposer then
+    hands the outcomes it batches to the controller before the next choice, which judges the retry
+    on all of its cycles (with them still waiting, a retry at 1-4 requests that found drafting
+    paying on this text handed back to plain decoding for a step)."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    m = PlainOrDraft(explore_min=8, explore_max=8)
+    m.warmup_drafts = 0
+    for _ in range(20):
+        m.observe(2, True, 2.5, 0.010)
+        m.observe(2, False, 2.0, 0.004)
+    answers = []
+    while len(answers) < 9 + m.explore_cycles:
+        answers.append((m.prefer_draft(2), m.retry_done))
+        if m.retry_done:
+            m.retry_done = False  # as the proposer does once it handed the outcomes over
+    retry = [i for i, (draft, _) in enumerate(answers) if draft]
+    assert len(retry) == m.explore_cycles and retry == list(range(retry[0], retry[0] + m.explore_cycles))
+    assert [done for _, done in answers] == [i == retry[-1] for i in range(len(answers))]
