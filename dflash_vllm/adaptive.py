@@ -572,10 +572,10 @@ class LoneRequest:
     position) priced at a drafting cycle of twice a plain one, the best decoding schedule in
     hindsight takes 1.19-1.26x fewer plain-step units than drafting every step; this rule, tuned on
     64 of them, 1.01x/1.06x (``scripts/simulate_modes.py``). The pooled mode choice with per-request
-    factors it replaces at one request waited 13-20 plain steps after a hard start, and returned
-    for at least 4 drafting cycles: 0.95x drafting every step on the eval prompts that turn
-    predictable, 1.05x on those that do not (counted in steps). Here each check is a few float
-    operations a step.
+    factors it replaces at one request drafted 8 steps into a hard start, then decoded plainly for
+    13-20 steps after the text had turned: in one process, 0.943x the fixed-length plugin on the
+    eval prompts the drafter predicts best, 1.060x on the others; with this rule 0.989x and 1.103x
+    (``scripts/ab_interleaved.py ... nolone=plugin:nolone``). Each check is a few float operations.
     """
 
     def __init__(self, alpha: float = 0.3, hysteresis: float = 0.8, wait: int = 4, grow: float = 1.5,
