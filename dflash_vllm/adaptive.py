@@ -436,9 +436,14 @@ class PlainOrDraft:
     def _known(self, b: int) -> dict[str, list[float]]:
         return {m: v for m, v in self.rates.get(b, {}).items() if v[1] >= self.min_observations}
 
+    @staticmethod
+    def cycle_seconds(v: list[float]) -> float:
+        """Seconds per cycle of a mode (an entry of ``rates``: decayed seconds over decayed cycles)."""
+        return v[3] / v[4]
+
     def explore_interval(self, loser: list[float], winner: list[float]) -> int:
         """Winner cycles between two retries of the loser (entries of ``rates``)."""
-        loser_cycle, winner_cycle = loser[3] / loser[4], winner[3] / winner[4]
+        loser_cycle, winner_cycle = self.cycle_seconds(loser), self.cycle_seconds(winner)
         cost = self.explore_cycles * loser_cycle * max(0.0, 1.0 - loser[0] / max(winner[0], 1e-9))
         n = max(self.explore_min, math.ceil(cost / max(self.explore_budget * winner_cycle, 1e-12)))
         if loser[1] < 2 * self.min_observations:
@@ -770,11 +775,12 @@ class AdaptiveController:
         either mode is unmeasured there (the pooled choice learns both first)."""
         if self.lone is None or req_ids is None or len(req_ids) != 1:
             return None
-        known = self.modes._known(0)
+        known = self.modes._known(PlainOrDraft.bucket(1))
         draft, plain = known.get("draft"), known.get("plain")
         if draft is None or plain is None:
             return None
-        return (draft[3] / draft[4]) / max(plain[3] / plain[4], 1e-9), draft[2] / draft[4]
+        ratio = PlainOrDraft.cycle_seconds(draft) / max(PlainOrDraft.cycle_seconds(plain), 1e-9)
+        return ratio, draft[2] / draft[4]
 
     def wants_draft(self, num_reqs: int, req_ids: list[str] | None = None,
                     lockstep: Callable[[], bool] | None = None) -> bool:
