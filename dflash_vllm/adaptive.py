@@ -13,6 +13,9 @@ Three pieces, each a plain object or function so that they can be tested without
   calibrated per-position rates and how each request has fared so far (``RequestFactors``): the
   drafter runs only for requests whose drafts pay at the current load, and when none does the
   step is plain decoding.
+
+Whole steps run plain or drafting by measured rates (``PlainOrDraft``); at one to four requests,
+once both are measured, by the requests' own recent yields (``FewRequests``).
 """
 
 from __future__ import annotations
@@ -390,6 +393,9 @@ class PlainOrDraft:
     drafting delivered 1.3x the plain rate over the run. Under load the rate averages many texts,
     and new requests arrive every few steps: early retries there would cost more than they find.
 
+    At a few requests this choice runs only until both modes are measured at the batch's size:
+    from then on ``FewRequests`` decides there, on the requests' own yields (``AdaptiveController``).
+
     Above ``turnover_max_reqs``, a retry of drafting that falls due while the batch runs in
     lockstep (``prefer_draft``'s ``lockstep``: its requests would end within a few steps of each
     other decoding plainly) is held, and starts at the first step out of lockstep. In a closed loop
@@ -560,66 +566,109 @@ class PlainOrDraft:
         return True
 
 
-class LoneRequest:
-    """Drafting or plain decoding for a batch of one request, on that request's own recent yield.
+class FewRequests:
+    """Drafting or plain decoding for a batch of a few requests (up to ``max_reqs``), on those
+    requests' own recent yields.
 
-    ``yield_ema``: tokens per drafting cycle (1 + accepted drafts), an exponential average
-    (``alpha``) over this request's cycles, starting from the pooled yield. At a drafting step,
-    drafting goes on while it is at least ``hysteresis`` times ``ratio``, a drafting cycle's seconds
-    over a plain one's (the yield at which both modes deliver alike). Below, the next ``wait``
-    steps run plain; then one drafting cycle tries again, and the one after it judges that try. A
-    try that fails makes the next wait ``grow`` times longer (up to ``max_wait``); drafting that
-    pays resets it. A new request starts drafting, on the pooled yield.
+    Per request, ``yields`` holds an exponential average (``alpha``) of its tokens per drafting
+    cycle (1 + accepted drafts). A new request starts from ``start_yield``, what requests have
+    yielded in their first drafting cycle (an average at ``start_alpha``, seeded with the pooled
+    yield). At a drafting step, drafting goes on while the batch's yields sum to at least
+    ``hysteresis`` x ``ratio`` x its requests (``lone_hysteresis`` for one request), ``ratio`` being
+    a drafting cycle's seconds over a plain one's at that batch size (the yield per request at which
+    both modes deliver alike).
+    Below, the next ``wait`` steps run plain; then one drafting cycle tries again, and the one after
+    it judges that try. A check that fails makes the next wait ``grow`` times longer (up to
+    ``max_wait``); drafting that pays resets it. When a new request joins during the plain steps,
+    the batch is checked at once, on its start yield.
 
-    Why: at one request, drafting pays on most text and not on some stretches (on the demo pair,
-    greedy text whose first tokens the drafter cannot predict and the rest almost always). On
-    acceptance maps of 96 prompts (``scripts/acceptance_map.py``: the drafts accepted at every
-    position) priced at a drafting cycle of twice a plain one, the best decoding schedule in
-    hindsight takes 1.19-1.26x fewer plain-step units than drafting every step; this rule, tuned on
-    64 of them, 1.01x/1.06x (``scripts/simulate_modes.py``). The pooled mode choice with per-request
-    factors it replaces at one request drafted 8 steps into a hard start, then decoded plainly for
-    13-20 steps after the text had turned: in one process, 0.943x the fixed-length plugin on the
-    eval prompts the drafter predicts best, 1.060x on the others; with this rule 0.989x and 1.103x
-    (``scripts/ab_interleaved.py ... nolone=plugin:nolone``). Each check is a few float operations.
+    Why: at one to four requests on the demo pair, drafting pays on most text and not on some
+    (greedy text whose first tokens the drafter cannot predict and the rest almost always, and
+    whole texts it predicts poorly). A drafting cycle's cost is mostly fixed (the drafter's pass and
+    the speculative step's overhead: on the 2-core CPU ~6 ms plus ~0.6 ms per drafting request and
+    ~0.2 ms per draft verified, against a ~3.5-5 ms plain step at 1-4 requests), so the choice is the
+    batch's, not each request's. On acceptance maps (``scripts/acceptance_map.py``: the drafts
+    accepted at every position) of 64 tuning texts and the 32 eval prompts, in closed loops of 16
+    requests at 4 at a time priced with those costs (``scripts/simulate_modes.py``), drafting every
+    step ran 0.92x/0.91x plain decoding, this rule 1.03x/1.10x; at one request 1.49x/1.59x
+    (drafting every step 1.41x/1.43x). Each check is a few float operations.
     """
 
-    def __init__(self, alpha: float = 0.3, hysteresis: float = 0.8, wait: int = 4, grow: float = 1.5,
-                 max_wait: int = 64):
+    def __init__(self, alpha: float = 0.3, hysteresis: float = 1.0, wait: int = 4, grow: float = 1.5,
+                 max_wait: int = 64, max_reqs: int = 4, start_alpha: float = 0.1, lone_hysteresis: float = 0.8):
         self.alpha = alpha
         self.hysteresis = hysteresis
+        # one request: 0.8 (tuned on the maps at one request; in one process at one request, 1.025x
+        # the fixed-length plugin against 1.005x with 1.0, the A/A engine 0.972x)
+        self.lone_hysteresis = lone_hysteresis
         self.wait = wait
         self.grow = grow
         self.max_wait = max_wait
-        self.req_id: str | None = None
-        self.yield_ema = 0.0
+        self.max_reqs = max_reqs
+        self.start_alpha = start_alpha
+        self.yields: dict[str, float] = {}  # req_id -> tokens per drafting cycle (an EMA)
+        self._unseen: set[str] = set()  # requests whose first drafting cycle is still to come
+        self.start_yield: float | None = None  # a request's first drafting cycle (an EMA; seeded)
         self._next_wait = float(wait)
         self.left = 0  # plain steps still to run before the next try
 
-    def start(self, req_id: str, prior: float) -> None:
-        self.req_id, self.yield_ema, self._next_wait, self.left = req_id, prior, float(self.wait), 0
+    def covers(self, num_reqs: int) -> bool:
+        return 1 <= num_reqs <= self.max_reqs
+
+    def _admit(self, req_ids: list[str], prior: Callable[[], float]) -> bool:
+        """Track the batch's new requests (from ``start_yield``); True if there was one."""
+        new = False
+        for rid in req_ids:
+            if rid not in self.yields:
+                if self.start_yield is None:
+                    self.start_yield = float(prior())
+                self.yields[rid] = self.start_yield
+                self._unseen.add(rid)
+                new = True
+        if new and len(self.yields) > 16 * self.max_reqs:  # forget finished requests
+            keep = set(req_ids)
+            self.yields = {r: y for r, y in self.yields.items() if r in keep}
+            self._unseen &= keep
+        return new
 
     def observe(self, req_id: str, tokens: float) -> None:
         """A drafting cycle of ``req_id`` yielded ``tokens`` (1 + accepted drafts)."""
-        if req_id == self.req_id:
-            self.yield_ema += self.alpha * (tokens - self.yield_ema)
+        y = self.yields.get(req_id)
+        if y is None:
+            return
+        if req_id in self._unseen:
+            self._unseen.discard(req_id)
+            self.start_yield += self.start_alpha * (tokens - self.start_yield)
+        self.yields[req_id] = y + self.alpha * (tokens - y)
 
-    def keep_drafting(self, req_id: str, ratio: float, prior: float) -> bool:
-        """At a drafting step: whether it drafts; False starts a run of plain steps."""
-        if req_id != self.req_id:
-            self.start(req_id, prior)
-            return True
-        if self.yield_ema >= self.hysteresis * ratio:
+    def _check(self, req_ids: list[str], ratio: float, caps: np.ndarray | None = None) -> bool:
+        """Whether the batch's yields pay for drafting; a failed check starts a run of plain steps.
+        A request whose cap is 0 (``caps``) yields one token either way."""
+        if caps is None or caps.all():
+            total = sum(self.yields[r] for r in req_ids)
+        else:
+            total = sum(self.yields[r] if c > 0 else 1.0 for r, c in zip(req_ids, caps.tolist(), strict=True))
+        n = len(req_ids)
+        if total >= (self.lone_hysteresis if n == 1 else self.hysteresis) * ratio * n:
             self._next_wait = float(self.wait)
             return True
         self.left = int(self._next_wait)
         self._next_wait = min(float(self.max_wait), self._next_wait * self.grow)
         return False
 
-    def resume(self, req_id: str, prior: float) -> bool:
-        """After a plain step: whether the next step drafts (a new request, or the wait is over)."""
-        if req_id != self.req_id:
-            self.start(req_id, prior)
-            return True
+    def keep_drafting(self, req_ids: list[str], ratio: float, prior: Callable[[], float],
+                      caps: np.ndarray | None = None) -> bool:
+        """At a drafting step: whether it drafts; False starts a run of plain steps. ``prior``: the
+        pooled tokens per drafting cycle of a request (asked once, to seed ``start_yield``);
+        ``caps``: the requests' draft caps."""
+        self._admit(req_ids, prior)
+        return self._check(req_ids, ratio, caps)
+
+    def resume(self, req_ids: list[str], ratio: float, prior: Callable[[], float]) -> bool:
+        """After a plain step: whether the next step drafts (a new request whose start yield makes
+        drafting pay, or the wait is over: a try)."""
+        if self._admit(req_ids, prior):
+            return self._check(req_ids, ratio)
         self.left -= 1
         return self.left <= 0
 
@@ -635,7 +684,7 @@ class AdaptiveController:
 
     def __init__(self, max_drafts: int, warmup_drafts: int = 3, explore_every: int = 128,
                  full_every: int = 32, plain_after_veto: int = 8, reselect_every: int = 8,
-                 cut_from_reqs: int = 2, defer_every: int = 1, lone: bool = True):
+                 cut_from_reqs: int = 2, defer_every: int = 1, few: bool = True):
         self.max_drafts = max_drafts
         # Timings (step, drafter and cycle times) wait in a list and are folded into the estimates
         # ``defer_every`` at a time (1: at once). Folded each step, right after the model's tensor
@@ -695,9 +744,9 @@ class AdaptiveController:
         self.calibrator = AcceptanceCalibrator(max_drafts)
         self.requests = RequestFactors()
         self.modes = PlainOrDraft()
-        # A batch of one request, once both modes' rates are measured there: its own yield decides
-        # (None: the pooled choice as at a few requests)
-        self.lone: LoneRequest | None = LoneRequest() if lone else None
+        # A batch of a few requests, once both modes' rates are measured at its size: their own
+        # yields decide (None: the pooled choice, with per-request factors and retries)
+        self.few: FewRequests | None = FewRequests() if few else None
         self._last_end: float | None = None
         # (start, requests, tokens sent to verify, plain mode, request ids)
         self._cycle: tuple[float, int, int, bool, list[str] | None] | None = None
@@ -726,8 +775,6 @@ class AdaptiveController:
         ``PlainOrDraft.max_step_s`` per cycle."""
         if self._cycle is not None:
             start, num_reqs, verify_tokens, plain, ids = self._cycle
-            if self.lone is not None and num_reqs == 1 and verify_tokens > 1 and ids:
-                self.lone.observe(ids[0], 1 + accepted)  # a lone request's drafts, verified
             if num_tokens <= verify_tokens:
                 self._note(self.modes.observe, num_reqs, not plain, num_reqs + accepted, now - start, False)
             elif ids is not None and req_ids is not None:
@@ -769,18 +816,21 @@ class AdaptiveController:
         for observe, args in pending:
             observe(*args)
 
-    def _lone_terms(self, req_ids: list[str] | None) -> tuple[float, float] | None:
-        """For a batch of one request under ``lone``: (a drafting cycle's seconds over a plain one's,
-        the pooled tokens per drafting cycle), from the measured rates at one request; None while
-        either mode is unmeasured there (the pooled choice learns both first)."""
-        if self.lone is None or req_ids is None or len(req_ids) != 1:
+    def _few_ratio(self, req_ids: list[str] | None) -> float | None:
+        """For a batch of a few requests under ``few``: a drafting cycle's seconds over a plain one's,
+        measured at its size; None while either mode is unmeasured there (the pooled choice learns
+        both first) or for a larger batch."""
+        if self.few is None or req_ids is None or not self.few.covers(len(req_ids)):
             return None
-        known = self.modes._known(PlainOrDraft.bucket(1))
+        known = self.modes._known(PlainOrDraft.bucket(len(req_ids)))
         draft, plain = known.get("draft"), known.get("plain")
         if draft is None or plain is None:
             return None
-        ratio = PlainOrDraft.cycle_seconds(draft) / max(PlainOrDraft.cycle_seconds(plain), 1e-9)
-        return ratio, draft[2] / draft[4]
+        return PlainOrDraft.cycle_seconds(draft) / max(PlainOrDraft.cycle_seconds(plain), 1e-9)
+
+    def pooled_yield(self) -> float:
+        """Tokens a drafting cycle yields per request, from the pooled per-position rates."""
+        return 1.0 + float(np.cumprod(self.calibrator.position_rates(self.max_drafts)).sum())
 
     def wants_draft(self, num_reqs: int, req_ids: list[str] | None = None,
                     lockstep: Callable[[], bool] | None = None) -> bool:
@@ -789,9 +839,9 @@ class AdaptiveController:
         batch's requests, tell whether its text is new since drafting last ran at this batch size.
         ``lockstep``: whether the batch's requests would end within a few steps of each other
         decoding plainly (asked only when a retry of drafting is due; ``PlainOrDraft.prefer_draft``)."""
-        lone = self._lone_terms(req_ids)
-        if lone is not None:
-            self._mode_checked = self.lone.resume(req_ids[0], lone[1])
+        ratio = self._few_ratio(req_ids)
+        if ratio is not None:
+            self._mode_checked = self.few.resume(req_ids, ratio, self.pooled_yield)
             return self._mode_checked
         new_text, draft_yield = False, None
         if req_ids and self.modes.few(num_reqs):
@@ -843,10 +893,10 @@ class AdaptiveController:
         batch in lockstep: a closed loop's first request drafting alone, its companions joining)."""
         caps = np.asarray(caps)
         checked, self._mode_checked = self._mode_checked, False
-        lone = self._lone_terms(req_ids)
-        if lone is not None:
-            self.declined = not (checked or self.lone.keep_drafting(req_ids[0], *lone))
-            return np.zeros(1, dtype=bool) if self.declined else caps > 0
+        ratio = self._few_ratio(req_ids)
+        if ratio is not None:
+            self.declined = not (checked or self.few.keep_drafting(req_ids, ratio, self.pooled_yield, caps))
+            return np.zeros(len(req_ids), dtype=bool) if self.declined else caps > 0
         kept = self._kept
         if not checked and kept is not None and kept[4] and kept[2] > 0 and self._same_batch(kept, req_ids, caps):
             kept[2] -= 1  # drafting in full stands: neither the measured rates nor the cost model asked

@@ -496,6 +496,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         rejected = num_rejected.tolist()
         qsl = cad.query_start_loc_cpu.tolist()
         total = 0
+        # a few drafting requests: their yields feed the few-request rule at once (not batched)
+        few = self.adaptive.few if self.adaptive.few is not None and len(sent) <= self.adaptive.few.max_reqs else None
         for i, rid in enumerate(req_ids):
             if rid not in sent:
                 continue
@@ -505,6 +507,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             a = max(0, n - int(rejected[i]))
             self._outcomes.append((c, n, a, rid))
             total += a
+            if few is not None:
+                few.observe(rid, 1 + a)
         self._outcome_steps += 1
         if self._outcome_steps >= LEARN_EVERY or len(self._outcomes) >= MAX_PENDING_OUTCOMES:
             self._flush_outcomes()

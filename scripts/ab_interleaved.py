@@ -28,8 +28,9 @@ requests (only PlainOrDraft picks plain steps), ``noplain`` never a plain step b
 rates, ``forceplain`` every step plain (as ``DFLASH_VLLM_FORCE_PLAIN=1``), ``notext`` the mode
 choice on the measured rates alone at a few requests too (not on this text's expected yield),
 ``nohigh`` no retry of drafting at 8 or more requests once both modes are measured, ``nohold`` a
-retry of drafting starts when due even while the batch runs in lockstep, ``nolone`` a lone request's
-mode chosen as at a few requests (not by ``LoneRequest``).
+retry of drafting starts when due even while the batch runs in lockstep, ``nofew`` (or
+``nolone``) 1-4 requests' mode chosen by the pooled choice (not by ``FewRequests``), ``onlyone``
+``FewRequests`` at 1 request only (as c2b892b's rule).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in 
 
 import numpy as np  # noqa: E402
 
-ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext", "nohigh", "nohold", "nolone")
+ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext", "nohigh", "nohold", "nofew", "nolone",
+             "onlyone")
 
 
 def ablate(proposer, ablations: list[str]) -> None:
@@ -81,8 +83,10 @@ def ablate(proposer, ablations: list[str]) -> None:
                 return prefer(num_reqs, new_text, draft_yield)
 
             ctl.modes.prefer_draft = unheld
-        elif name == "nolone":  # a lone request decided by the pooled choice, as at a few requests
-            ctl.lone = None
+        elif name in ("nofew", "nolone"):  # 1-4 requests decided by the pooled choice (before c2b892b)
+            ctl.few = None
+        elif name == "onlyone":  # the few-request rule at 1 request only (as c2b892b)
+            ctl.few.max_reqs = 1
         elif name == "noplain":
             ctl.modes.prefer_draft = lambda num_reqs, *args, **kwargs: True
         else:
@@ -187,6 +191,7 @@ def main() -> None:
         print(f"{m:>10}: {tokens / sum(secs[m]):6.1f} tok/s, {speed:.3f}x {base} ({halves}"
               f"median per unit {per_unit:.3f}x), "
               f"plain steps {getattr(prop, 'plain_steps', 0)}, outputs equal to {base}'s {same}/{n}")
+        print(f"{'':>12}per unit: " + " ".join(f"{secs[base][i] / secs[m][i]:.3f}x" for i in range(n)))
         ctl = getattr(prop, "adaptive", None)
         if ctl is not None:
             print(f"{'':>12}drafting steps {ctl._drafting_steps}, retries held in lockstep {ctl.modes.held}; "

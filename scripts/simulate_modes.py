@@ -1,21 +1,31 @@
 #!/usr/bin/env python
-"""Price decoding schedules of one request on acceptance maps (``scripts/acceptance_map.py``), in
-units of a plain step, a drafting cycle costing ``--ratio`` of them (a diagnostic).
+"""Price decoding schedules on acceptance maps (``scripts/acceptance_map.py``): closed loops of
+``--concurrency`` requests, ``--unit`` prompts per loop, each step plain or drafting (a diagnostic).
 
-For each map it prints, as speed-ups over drafting every step (fewer units is faster):
+A map holds, for every position of a prompt's greedy text, how many of ``K`` drafts the target
+accepts when a block is drafted there; decoding is lossless, so every schedule produces the same
+text and only its cost differs. Costs are milliseconds of a step cycle, from a served trace of the
+demo pair on the 2-core CPU (``scripts/trace_adaptive.py --served``, medians per batch size):
 
-- ``best``: the best schedule in hindsight (dynamic programming over positions: each one either
-  decodes one token plainly, or drafts and advances by the drafts accepted there plus one). What
-  any rule choosing between plain and drafting steps can reach at most.
-- ``lone``: ``dflash_vllm.adaptive.LoneRequest``, the rule the adaptive controller runs for a batch
-  of one request, with its defaults or ``--alpha/--hysteresis/--wait/--grow``. It sees the maps only
-  as the engine sees text: the drafts accepted in the cycles it drafted.
+- a plain cycle at ``n`` requests: ``--plain-ms a b`` -> ``a + b n``;
+- a drafting cycle (the drafter's pass for ``m`` requests and the next step verifying ``s``
+  drafts): ``--draft-ms c0 cn cm cs`` -> ``c0 + cn n + cm m + cs s``;
+- a step that admits new prompts: ``--prefill-ms p0 p1`` more -> ``p0 + p1 new``. A closed loop
+  admits a request as one ends: plain decoding keeps equal-length requests in lockstep, drafting
+  spreads their ends.
 
-    .venv/bin/python scripts/simulate_modes.py runs/acc_tune.json runs/acc_eval.json --ratio 1.7 2 2.3
+For each map file it prints, as speed-ups over plain decoding (more is faster):
 
-The ratio on a running engine is a drafting cycle's seconds over a plain one's; at one request on
-the 2-core CPU with the demo pair, about 2 (the controller's measured rates: ``describe()``).
-Switching modes costs nothing here; in the engine it costs a little (a backfill of context).
+- ``draft``: drafting every step, ``K`` drafts for every request;
+- ``myopic``: each step, the requests and draft lengths that pay most knowing this step's
+  acceptance (an oracle's greedy choice: a bound of sorts, not the best schedule);
+- ``few``: ``dflash_vllm.adaptive.FewRequests``, the rule the adaptive controller runs for a batch of
+  up to 4 requests, with its defaults or ``--alpha/--hysteresis/--lone-hysteresis/--wait/--grow``.
+  It sees the maps as the engine sees text: the drafts accepted in the cycles it drafted. It drafts ``K`` for every
+  request (the engine's cut trims them); the cost ratio it compares yields with is a drafting
+  cycle's cost at that batch size over a plain one's, as the engine measures it.
+
+    .venv/bin/python scripts/simulate_modes.py runs/acc_tune.json runs/acc_eval.json --concurrency 1 4
 """
 
 from __future__ import annotations
@@ -27,71 +37,139 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dflash_vllm.adaptive import LoneRequest  # noqa: E402
+from dflash_vllm.adaptive import FewRequests  # noqa: E402
 
 
-def drafting_every_step(acc: list[int]) -> int:
-    j, steps = 0, 0
-    while j < len(acc) - 1:
-        j += acc[j] + 1
-        steps += 1
-    return steps
+class Costs:
+    def __init__(self, plain: list[float], draft: list[float], prefill: list[float], k: int):
+        self.plain, self.draft, self.prefill, self.k = plain, draft, prefill, k
+
+    def plain_cycle(self, n: int) -> float:
+        return self.plain[0] + self.plain[1] * n
+
+    def draft_cycle(self, n: int, m: int, s: int) -> float:
+        c0, cn, cm, cs = self.draft
+        return c0 + cn * n + cm * m + cs * s
+
+    def admit(self, new: int) -> float:
+        return self.prefill[0] + self.prefill[1] * new if new else 0.0
 
 
-def best_units(acc: list[int], ratio: float) -> float:
-    """Fewest units to decode tokens 1.. of the map (token 0 comes from the prefill)."""
-    n = len(acc)
-    units = [0.0] * n
-    for j in range(n - 2, -1, -1):
-        units[j] = min(1.0 + units[j + 1], ratio + units[min(n - 1, j + acc[j] + 1)])
-    return units[0]
+class Plain:
+    def decide(self, batch, pos, maps, costs):
+        return None
 
 
-def lone_units(acc: list[int], ratio: float, rule: LoneRequest, prior: float, req_id: str) -> float:
-    """Units the rule spends, decided as in the engine: a check before each drafting cycle (after
+class Draft:
+    def decide(self, batch, pos, maps, costs):
+        return {r: costs.k for r in batch}
+
+
+class Myopic:
+    def decide(self, batch, pos, maps, costs):
+        n = len(batch)
+        best, choice, tokens, sent = n / costs.plain_cycle(n), None, float(n), {}
+        for gain, r in sorted(((maps[r][pos[r]], r) for r in batch), reverse=True):
+            if gain <= 0:
+                break
+            sent[r] = gain
+            tokens += gain
+            rate = tokens / costs.draft_cycle(n, len(sent), sum(sent.values()))
+            if rate > best:
+                best, choice = rate, dict(sent)
+        return choice
+
+
+class Few:
+    """``FewRequests`` asked as the controller asks it: a check before each drafting cycle (after
     the outcome of the last), a resume check after each plain step; a resumed cycle is not checked."""
-    j, units, state, n = 0, 0.0, "check", len(acc)
-    while j < n - 1:
-        if state == "check":
-            state = "draft" if rule.keep_drafting(req_id, ratio, prior) else "plain"
-        if state == "draft":
-            a = acc[j]
-            j += a + 1
-            units += ratio
-            rule.observe(req_id, 1 + a)
-            state = "check"
+
+    def __init__(self, rule: FewRequests, prior: float):
+        self.rule, self.prior, self.state = rule, prior, "check"
+
+    def decide(self, batch, pos, maps, costs):
+        n = len(batch)
+        ratio = costs.draft_cycle(n, n, costs.k * n) / costs.plain_cycle(n)
+        if self.state == "plain":
+            if not self.rule.resume(batch, ratio, lambda: self.prior):
+                return None
+        elif not self.rule.keep_drafting(batch, ratio, lambda: self.prior):
+            self.state = "plain"
+            return None
+        self.state = "check"
+        return {r: costs.k for r in batch}
+
+    def observe(self, rid, tokens):
+        self.rule.observe(rid, tokens)
+
+
+def closed_loop(maps: list[list[int]], order: list[int], policy, costs: Costs, concurrency: int) -> float:
+    """Milliseconds to decode the prompts in ``order``, ``concurrency`` at a time."""
+    queue, active, pos, ms = list(order), {}, {}, 0.0
+
+    def admit() -> float:
+        new = 0
+        while queue and len(active) < concurrency:
+            r = queue.pop(0)
+            active[r], pos[r], new = maps[r], 0, new + 1
+        return costs.admit(new)
+
+    ms += admit()
+    while active:
+        batch = list(active)
+        chosen = policy.decide(batch, pos, active, costs)
+        if not chosen:
+            ms += costs.plain_cycle(len(batch))
+            for r in batch:
+                pos[r] += 1
         else:
-            j += 1
-            units += 1.0
-            if rule.resume(req_id, prior):
-                state = "draft"
-    return units
+            ms += costs.draft_cycle(len(batch), len(chosen), sum(chosen.values()))
+            for r in batch:
+                a = min(active[r][pos[r]], chosen[r]) if r in chosen else 0  # left out: one token
+                pos[r] += a + 1
+                if r in chosen and hasattr(policy, "observe"):
+                    policy.observe(r, a + 1)
+        for r in batch:
+            if pos[r] >= len(active[r]) - 1:  # token 0 came with the prefill
+                del active[r]
+        ms += admit()
+    return ms
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("maps", nargs="+")
-    ap.add_argument("--ratio", type=float, nargs="+", default=[1.7, 2.0, 2.3])
-    ap.add_argument("--prior", type=float, default=4.0, help="pooled tokens per drafting cycle")
-    defaults = LoneRequest()
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--unit", type=int, default=16, help="prompts per closed loop")
+    ap.add_argument("--plain-ms", type=float, nargs=2, default=[3.1, 0.45])
+    ap.add_argument("--draft-ms", type=float, nargs=4, default=[5.87, 0.67, 0.58, 0.23])
+    ap.add_argument("--prefill-ms", type=float, nargs=2, default=[4.0, 2.5])
+    ap.add_argument("--prior", type=float, default=3.0, help="seed of the rule's start yield")
+    defaults = FewRequests()
     ap.add_argument("--alpha", type=float, default=defaults.alpha)
     ap.add_argument("--hysteresis", type=float, default=defaults.hysteresis)
     ap.add_argument("--wait", type=int, default=defaults.wait)
     ap.add_argument("--grow", type=float, default=defaults.grow)
+    ap.add_argument("--lone-hysteresis", type=float, default=defaults.lone_hysteresis)
     args = ap.parse_args()
-    maps = {m: [row["accepted"] for row in json.loads(Path(m).read_text())["prompts"]] for m in args.maps}
-    for ratio in args.ratio:
-        for name, rows in maps.items():
-            every = sum(drafting_every_step(a) for a in rows) * ratio
-            best = sum(best_units(a, ratio) for a in rows)
-            lone = 0.0
-            for i, a in enumerate(rows):
-                rule = LoneRequest(args.alpha, args.hysteresis, args.wait, args.grow)
-                lone += lone_units(a, ratio, rule, args.prior, f"p{i}")
-            print(f"ratio {ratio:.2f} {name} ({len(rows)} prompts): best {every / best:.3f}x, "
-                  f"lone {every / lone:.3f}x drafting every step")
+    for name in args.maps:
+        data = json.loads(Path(name).read_text())
+        maps = [row["accepted"] for row in data["prompts"]]
+        costs = Costs(args.plain_ms, args.draft_ms, args.prefill_ms, data["block_size"] - 1)
+        units = [list(range(i, min(i + args.unit, len(maps)))) for i in range(0, len(maps), args.unit)]
+        for c in args.concurrency:
+            def few(c=c) -> Few:
+                return Few(FewRequests(args.alpha, args.hysteresis, args.wait, args.grow, max_reqs=max(4, c),
+                                       lone_hysteresis=args.lone_hysteresis), args.prior)
 
+            ms = {name_: [closed_loop(maps, u, make(), costs, c) for u in units]
+                  for name_, make in (("plain", Plain), ("draft", Draft), ("myopic", Myopic), ("few", few))}
+            plain = ms.pop("plain")
+            print(f"{name}: {len(maps)} prompts, concurrency {c}, {len(units)} loops of {args.unit}: "
+                  + ", ".join(f"{k} {sum(plain) / sum(v):.3f}x" for k, v in ms.items())
+                  + " plain decoding; few per loop "
+                  + " ".join(f"{p / v:.3f}" for p, v in zip(plain, ms["few"], strict=True)))
 
 if __name__ == "__main__":
     main()

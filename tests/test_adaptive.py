@@ -254,7 +254,7 @@ def test_a_settled_drafting_batch_skips_the_mode_choice_and_still_retries_on_tim
     monkeypatch.setattr(PlainOrDraft, "prefer_draft", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
 
     def controller() -> AdaptiveController:
-        ctl = AdaptiveController(max_drafts=7, reselect_every=8, lone=False)  # the pooled choice
+        ctl = AdaptiveController(max_drafts=7, reselect_every=8, few=False)  # the pooled choice
         ctl.step_cost.set_profile({1: 5e-3, 8: 5.5e-3})
         for _ in range(ctl.warmup_drafts + 2):
             ctl.end_step(0.0, 1, 8, 1e-4)  # a cheap drafter: drafting pays
@@ -417,11 +417,11 @@ def test_a_new_request_retries_drafting_judged_on_another_text():
     when the next request begins, not a few hundred steps later: each easy request drafts from its
     first steps. Without the retry on new text, the first easy request runs mostly plain."""
     texts = ["hard", "hard", "easy", "easy", "hard", "easy"]
-    runs = _requests_one_at_a_time(AdaptiveController(max_drafts=7, lone=False), texts)
+    runs = _requests_one_at_a_time(AdaptiveController(max_drafts=7, few=False), texts)
     assert sum(runs[1]) <= 4, "on hard text plain decoding wins (one 4-cycle retry)"
     for i in (2, 3, 5):
         assert any(runs[i][:4]) and sum(runs[i]) / len(runs[i]) > 0.8, (i, runs[i][:20])
-    ctl = AdaptiveController(max_drafts=7, lone=False)
+    ctl = AdaptiveController(max_drafts=7, few=False)
     ctl.modes.turnover_factor = 1  # retries on the budget alone
     late = _requests_one_at_a_time(ctl, texts)
     assert sum(late[2]) / len(late[2]) < 0.5, "the budget alone retries too late for this request"
@@ -431,7 +431,7 @@ def test_a_retry_at_one_request_is_not_vetoed_by_another_texts_rates():
     """Drafts learnt on hard text (1 in 7 accepted) make the cost model veto drafting for any new
     request before the drafter runs. A retry of drafting at one request still drafts: it is there
     to measure this request's text (the cut then decides on the drafter's confidences)."""
-    ctl = AdaptiveController(max_drafts=7, lone=False)  # the pooled choice
+    ctl = AdaptiveController(max_drafts=7, few=False)  # the pooled choice
     ctl.step_cost.set_profile({1: 4e-3, 8: 5e-3, 64: 20e-3})
     for _ in range(3):
         ctl.draft_cost.observe(8, 3e-3)
@@ -473,7 +473,7 @@ def test_at_a_few_requests_drafting_is_priced_on_this_texts_expected_yield():
     assert not m.prefer_draft(1, draft_yield=2.0)
     assert not m.prefer_draft(16, draft_yield=64.0), "under load the batch's measured rate stands"
 
-    ctl = AdaptiveController(max_drafts=7, lone=False)  # the pooled choice
+    ctl = AdaptiveController(max_drafts=7, few=False)  # the pooled choice
     ctl.modes = m
     for _ in range(40):  # the traffic's drafts: ~3 of 7 accepted
         ctl.observe_outcomes(np.full((1, 7), np.nan), [7], [3], ["other"])
@@ -791,25 +791,31 @@ def test_deferred_timings_fold_into_the_same_estimates_in_order():
 
 
 def test_a_lone_request_decodes_plainly_through_a_hard_stretch_and_tries_again_after_growing_waits():
-    """``LoneRequest``: drafting goes on while the request's recent yield is at least
-    ``hysteresis`` x the cost ratio; below it, ``wait`` plain steps, one drafting try, and a wait
-    ``grow`` times longer after each try that fails; drafting that pays resets the wait; a new request
-    starts drafting on the pooled yield."""
-    from dflash_vllm.adaptive import LoneRequest
+    """``FewRequests`` at one request: drafting goes on while the request's recent yield is at least
+    ``lone_hysteresis`` x the cost ratio; below it, ``wait`` plain steps, one drafting try, and a wait
+    ``grow`` times longer after each check that fails; drafting that pays resets the wait; a new
+    request starts from the start yield, seeded by the pooled yield (asked once)."""
+    from dflash_vllm.adaptive import FewRequests
 
-    rule = LoneRequest(alpha=0.3, hysteresis=0.8, wait=4, grow=1.5, max_wait=64)
-    ratio, prior = 2.0, 4.0  # plain pays below 0.8 x 2 = 1.6 tokens per drafting cycle
-    assert rule.keep_drafting("a", ratio, prior) and rule.yield_ema == prior
+    rule = FewRequests(alpha=0.3, lone_hysteresis=0.8, wait=4, grow=1.5, max_wait=64)
+    ratio = 2.0  # plain pays below 0.8 x 2 = 1.6 tokens per drafting cycle
+    asked = []
+
+    def prior() -> float:
+        asked.append(1)
+        return 4.0
+
+    assert rule.keep_drafting(["a"], ratio, prior) and rule.yields["a"] == 4.0
     cycles = 0
-    while rule.keep_drafting("a", ratio, prior):
+    while rule.keep_drafting(["a"], ratio, prior):
         rule.observe("a", 1.0)  # nothing accepted
         cycles += 1
-    assert rule.yield_ema < 1.6 <= rule.yield_ema / 0.7 - 0.3 / 0.7, "plain at the first check below"
+    assert rule.yields["a"] < 1.6 <= rule.yields["a"] / 0.7 - 0.3 / 0.7, "plain at the first check below"
     assert cycles == 5
 
     def plain_steps() -> int:
         n = 1
-        while not rule.resume("a", prior):
+        while not rule.resume(["a"], ratio, prior):
             n += 1
         return n
 
@@ -817,54 +823,100 @@ def test_a_lone_request_decodes_plainly_through_a_hard_stretch_and_tries_again_a
     for _ in range(4):  # a try that fails each time
         waits.append(plain_steps())
         rule.observe("a", 1.0)
-        assert not rule.keep_drafting("a", ratio, prior)
+        assert not rule.keep_drafting(["a"], ratio, prior)
     assert waits == [4, 6, 9, 13]
     assert plain_steps() == 20
     rule.observe("a", 8.0)  # the text turned predictable: 7 of 7 accepted
-    assert rule.keep_drafting("a", ratio, prior)
+    assert rule.keep_drafting(["a"], ratio, prior)
     for _ in range(6):
         rule.observe("a", 1.0)
-        if not rule.keep_drafting("a", ratio, prior):
+        if not rule.keep_drafting(["a"], ratio, prior):
             break
     assert plain_steps() == 4, "drafting that paid reset the wait"
-    rule.observe("other", 8.0)
-    assert rule.keep_drafting("b", ratio, prior) and rule.yield_ema == prior, "a new request drafts"
-    assert rule.resume("c", prior) and rule.req_id == "c", "new after a plain step: drafts at once"
+    # the start yield learnt from first cycles: "a" yielded 1.0 in its first (4 + 0.1 x (1 - 4))
+    assert rule.start_yield == pytest.approx(3.7) and len(asked) == 1
+    assert rule.keep_drafting(["b"], ratio, prior) and rule.yields["b"] == pytest.approx(3.7), "a new request drafts"
+    for _ in range(5):
+        rule.observe("b", 1.0)  # 3.7 -> 1.45
+    assert not rule.keep_drafting(["b"], ratio, prior)
+    assert rule.resume(["c"], ratio, prior), "new after a plain step: checked at once, on its start yield"
 
 
-def test_the_controller_runs_a_lone_request_by_its_own_yield_once_both_modes_are_measured():
-    """At one request, once drafting's and plain decoding's rates are measured there, the controller
-    asks ``LoneRequest``: the verified drafts of each cycle feed it (a step that sent none does
-    not), ``select`` declines when its yield drops, ``wants_draft`` resumes after the wait. Before
-    both rates are known, the pooled choice learns them; at two requests it decides as before."""
+def test_a_few_requests_draft_while_their_yields_together_pay():
+    """At a few requests the batch's yields are summed: one predictable request carries a batch of
+    hard ones while their sum pays for the cycle, and a failed check starts plain steps for all;
+    a new request during them is checked at once; a request with speculation off (cap 0) counts
+    as the one token it yields either way."""
+    from dflash_vllm.adaptive import FewRequests
+
+    rule = FewRequests(alpha=0.5, hysteresis=1.0, wait=4, grow=1.5)
+    ratio = 3.0  # drafting pays from 3 tokens per request and cycle: 12 at four requests
+
+    def prior() -> float:
+        return 3.0
+
+    ids = ["a", "b", "c", "d"]
+    assert rule.keep_drafting(ids, ratio, prior), "new text: 4 x 3.0 = 12"
+    for rid, tokens in zip(ids, [8.0, 2.0, 2.0, 2.0], strict=True):
+        rule.observe(rid, tokens)  # yields 5.5, 2.5, 2.5, 2.5: 13 in all
+    assert rule.keep_drafting(ids, ratio, prior)
+    capped = FewRequests(alpha=0.5, hysteresis=1.0)
+    capped.yields = dict(rule.yields)
+    assert not capped.keep_drafting(ids, ratio, prior, caps=np.array([7, 7, 7, 0])), "d yields 1: 11.5"
+    for rid in ids[1:]:
+        rule.observe(rid, 1.0)  # 5.5 + 3 x 1.75 = 10.75
+    assert not rule.keep_drafting(ids, ratio, prior)
+    assert [rule.resume(ids, ratio, prior) for _ in range(4)] == [False, False, False, True]
+    assert not rule.keep_drafting(ids, ratio, prior), "the try found nothing new: wait 6"
+    assert not rule.resume(ids, ratio, prior)
+    # "a" ended; "e" starts at 3.09 (the seed 3.0 moved by a, b, c and d's first cycles): 8.34 < 12
+    assert not rule.resume(["b", "c", "d", "e"], ratio, prior), "checked at once: still below"
+    rule.observe("a", 8.0)
+    rule.yields["b"] = rule.yields["c"] = 5.0
+    assert rule.resume(["b", "c", "d", "f"], ratio, prior), "a new request, and the batch now pays"
+    assert not rule.covers(5) and rule.covers(1) and rule.covers(4)
+
+
+def test_the_controller_runs_a_few_requests_by_their_own_yields_once_both_modes_are_measured():
+    """At 1-4 requests, once drafting's and plain decoding's rates are measured at the batch's size,
+    the controller asks ``FewRequests``: ``select`` declines when the yields drop (every request
+    drafts otherwise, the cut choosing lengths), ``wants_draft`` resumes after the wait. Before both
+    rates are known at that size, and above 4 requests, the pooled choice decides."""
     ctl = AdaptiveController(max_drafts=7)
     one = np.array([7])
-    assert ctl._lone_terms(["a"]) is None
+    assert ctl._few_ratio(["a"]) is None
     ctl.modes.warmup_drafts = 0
     for _ in range(20):
         ctl.modes.observe(1, True, 4.0, 8e-3)
         ctl.modes.observe(1, False, 1.0, 4e-3)
-    ratio, prior = ctl._lone_terms(["a"])
-    assert ratio == pytest.approx(2.0) and prior == pytest.approx(4.0)
-    assert ctl._lone_terms(["a", "b"]) is None
+    assert ctl._few_ratio(["a"]) == pytest.approx(2.0)
+    assert ctl._few_ratio(["a", "b"]) is None, "not measured at two requests yet"
+    assert ctl.few.lone_hysteresis == 0.8 and ctl.few.hysteresis == 1.0
 
-    t, decided = 0.0, []
+    decided = []
     for _ in range(12):
         sel = ctl.select(["a"], one, 8)
         decided.append(bool(sel.any()))
         if not sel.any():
             break
-        ctl.open_cycle(t, 1, 7, req_ids=["a"])
-        t += 8e-3
-        ctl.close_cycle(t, 8, 0, ["a"])  # none of the 7 accepted
-    assert decided == [True] * 5 + [False] and ctl.declined  # as in the test above
-    ema = ctl.lone.yield_ema
-    ctl.open_cycle(t, 1, 0, req_ids=["a"])  # the step that hands over: no drafts sent
-    ctl.close_cycle(t + 4e-3, 1, 0, ["a"])
-    assert ctl.lone.yield_ema == ema, "a cycle with no drafts is no evidence"
+        ctl.few.observe("a", 1.0)  # none of the 7 accepted (the proposer hands each yield over)
+    assert ctl.few.yields["a"] < 1.6 and ctl.declined
+    assert decided[-1] is False and all(decided[:-1])
     assert [ctl.wants_draft(1, ["a"]) for _ in range(4)] == [False, False, False, True]
     assert ctl.select(["a"], one, 8).all(), "the try drafts whatever the cost model says"
-    assert ctl.wants_draft(1, ["b"]), "a new request drafts at once"
+
+    for _ in range(20):
+        ctl.modes.observe(4, True, 10.0, 12e-3)
+        ctl.modes.observe(4, False, 4.0, 4e-3)
+    ids, caps = ["p", "q", "r", "s"], np.full(4, 7)
+    assert ctl._few_ratio(ids) == pytest.approx(3.0)
+    assert ctl._few_ratio(ids + ["t"]) is None, "above 4 requests: the pooled choice"
+    ctl.few.start_yield = 3.0
+    assert ctl.select(ids, caps, 8).all(), "new text at its start yield: 12 >= 1.0 x 3 x 4"
+    for rid in ids:
+        ctl.few.observe(rid, 1.0)
+        ctl.few.observe(rid, 1.0)
+    assert not ctl.select(ids, caps, 8).any() and ctl.declined
 
 
 def test_the_answer_after_a_retry_of_drafting_knows_it_ended():

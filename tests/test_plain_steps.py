@@ -146,3 +146,28 @@ def test_a_due_retry_of_drafting_is_held_for_a_batch_in_lockstep():
     runner.input_batch.num_tokens_no_spec[4] = runner.input_batch.num_prompt_tokens[4]
     p.stay_plain(16, 16)  # (the cost model may still veto the step's drafts)
     assert ctl.modes.retrying, "out of lockstep: the due retry of drafting starts"
+
+
+def test_each_verified_cycle_of_a_few_drafting_requests_feeds_their_yields():
+    """The few-request rule learns every step (not in the batches the calibration learns in): each
+    request's 1 + accepted drafts goes to ``FewRequests`` when at most ``max_reqs`` requests drafted;
+    a request whose drafts the scheduler did not verify as sent is skipped."""
+    import torch
+
+    p = _proposer(3)
+    p._outcomes, p._outcome_steps = [], 0
+    few = p.adaptive.few
+    few.yields = {"r0": 3.0, "r1": 3.0, "r2": 3.0}
+    p._sent = {"r0": (None, 7), "r1": (None, 3), "r2": (None, 5)}
+    cad = SimpleNamespace(query_start_loc_cpu=torch.tensor([0, 8, 12, 15]))  # r2 verified 2 drafts, not 5
+    assert p._learn_from_last_step(["r0", "r1", "r2"], cad, torch.tensor([4, 0, 0])) == 6
+    assert few.yields == {"r0": 3.3, "r1": 3.3, "r2": 3.0}
+
+    p = _proposer(5)
+    p._outcomes, p._outcome_steps = [], 0
+    ids = [f"r{i}" for i in range(5)]
+    p.adaptive.few.yields = dict.fromkeys(ids, 3.0)
+    p._sent = {r: (None, 7) for r in ids}
+    cad = SimpleNamespace(query_start_loc_cpu=torch.arange(0, 41, 8))
+    assert p._learn_from_last_step(ids, cad, torch.zeros(5, dtype=torch.int64)) == 35
+    assert p.adaptive.few.yields == dict.fromkeys(ids, 3.0), "5 drafting requests: the pooled choice's business"
