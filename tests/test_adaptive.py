@@ -871,6 +871,7 @@ def test_a_few_requests_draft_while_their_yields_together_pay():
     assert not rule.resume(ids, ratio, prior)
     # "a" ended; "e" starts at 3.09 (the seed 3.0 moved by a, b, c and d's first cycles): 8.34 < 12
     assert not rule.resume(["b", "c", "d", "e"], ratio, prior), "checked at once: still below"
+    assert rule.left == 4, "new text: the waits (grown to 9) start short again"
     rule.observe("a", 8.0)
     rule.yields["b"] = rule.yields["c"] = 5.0
     assert rule.resume(["b", "c", "d", "f"], ratio, prior), "a new request, and the batch now pays"
