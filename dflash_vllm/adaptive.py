@@ -591,7 +591,8 @@ class FewRequests:
     accepted at every position) of 64 tuning texts and the 32 eval prompts, in closed loops of 16
     requests at 4 at a time priced with those costs (``scripts/simulate_modes.py``), drafting every
     step ran 0.92x/0.91x plain decoding, this rule 1.05x/1.11x (1.03x/1.10x without the reset of
-    waits on a new request); at one request 1.49x/1.59x (drafting every step 1.41x/1.43x). Each check is a few float operations.
+    waits on a new request); at one request 1.49x/1.59x (drafting every step 1.41x/1.43x). Each
+    check is a few float operations.
     """
 
     def __init__(self, alpha: float = 0.3, hysteresis: float = 1.0, wait: int = 4, grow: float = 1.5,
@@ -748,7 +749,8 @@ class AdaptiveController:
         self.modes = PlainOrDraft()
         # A batch of a few requests, once both modes' rates are measured at its size: their own
         # yields decide (None: the pooled choice, with per-request factors and retries)
-        self.few: FewRequests | None = FewRequests() if few else None
+        # (the same "few" as the pooled choice's, where it prices drafting on the batch's text)
+        self.few: FewRequests | None = FewRequests(max_reqs=self.modes.turnover_max_reqs) if few else None
         self._last_end: float | None = None
         # (start, requests, tokens sent to verify, plain mode, request ids)
         self._cycle: tuple[float, int, int, bool, list[str] | None] | None = None

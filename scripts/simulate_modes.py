@@ -21,9 +21,9 @@ For each map file it prints, as speed-ups over plain decoding (more is faster):
   acceptance (an oracle's greedy choice: a bound of sorts, not the best schedule);
 - ``few``: ``dflash_vllm.adaptive.FewRequests``, the rule the adaptive controller runs for a batch of
   up to 4 requests, with its defaults or ``--alpha/--hysteresis/--lone-hysteresis/--wait/--grow``.
-  It sees the maps as the engine sees text: the drafts accepted in the cycles it drafted. It drafts ``K`` for every
-  request (the engine's cut trims them); the cost ratio it compares yields with is a drafting
-  cycle's cost at that batch size over a plain one's, as the engine measures it.
+  It sees the maps as the engine sees text: the drafts accepted in the cycles it drafted. It
+  drafts ``K`` for every request (the engine's cut trims them); the cost ratio it compares yields
+  with is a drafting cycle's cost at that batch size over a plain one's, as the engine measures it.
 
     .venv/bin/python scripts/simulate_modes.py runs/acc_tune.json runs/acc_eval.json --concurrency 1 4
 """
