@@ -44,7 +44,7 @@ def _bench(args) -> int:
     from pathlib import Path
 
     from dflash_vllm.bench.report import print_table, write_json, write_plot
-    from dflash_vllm.bench.runner import ALL_MODES, BenchConfig, run_bench
+    from dflash_vllm.bench.runner import ALL_MODES, BenchConfig, resolve_engines, run_bench
     from dflash_vllm.demo import shipped_pair
     from dflash_vllm.training.data import read_prompts
 
@@ -70,10 +70,10 @@ def _bench(args) -> int:
                       concurrency=[int(c) for c in args.concurrency.split(",")], reps=args.reps, waves=args.waves,
                       temperature=args.temperature, max_tokens=args.max_tokens,
                       num_speculative_tokens=args.num_speculative_tokens, compile=not args.no_compile,
-                      kv_cache_bytes=args.kv_cache_mib << 20, engines=args.engines)
+                      kv_cache_bytes=args.kv_cache_mib << 20, engines=args.engines, slice_s=args.slice_s)
     from rich.progress import Progress
 
-    starts = len(modes) * (1 if cfg.engines == "shared" else cfg.reps)
+    starts = len(modes) * (1 if resolve_engines(cfg.engines) in ("shared", "sliced") else cfg.reps)
     with Progress() as progress:  # one unit per engine start and per run
         task = progress.add_task("bench", total=starts + len(modes) * len(cfg.concurrency) * cfg.reps)
         done = []
@@ -144,17 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=128)
     bench.add_argument("--num-speculative-tokens", type=int, default=None, help="default: block_size - 1")
     bench.add_argument("--no-compile", action="store_true", help="eager engines (faster start, for smoke runs)")
-    bench.add_argument("--engines", choices=ENGINES, default="restart",
-                       help="restart (default): each repetition starts every mode's engine afresh, one engine up "
-                            "at a time, order rotating (one engine instance can run ~20%% faster or slower than "
-                            "another of the same mode); interleaved: fresh engines per repetition too, all up at "
-                            "once, the modes taking turns per concurrency (CPU only: vLLM's GPU start-up expects "
-                            "the device to itself; its A/A spread here was no smaller); shared: one engine per "
-                            "mode for the whole run, the modes taking turns (faster where an engine start costs "
-                            "minutes)")
+    bench.add_argument("--engines", choices=ENGINES, default="auto",
+                       help="auto (default): sliced on CPU, restart on GPU. sliced: every mode's engine up for the "
+                            "whole run; per concurrency and repetition all modes' closed loops run at once, the "
+                            "engines taking turns of --slice-s seconds, so every mode is timed through the same "
+                            "seconds of the machine's drift (CPU only: vLLM's GPU start-up expects the device to "
+                            "itself). restart: each repetition starts every mode's engine afresh, one engine up at "
+                            "a time, order rotating. interleaved: fresh engines per repetition, all up at once, the "
+                            "modes taking turns per concurrency. shared: one engine per mode for the whole run, the "
+                            "modes taking turns per repetition (faster where an engine start costs minutes)")
+    bench.add_argument("--slice-s", type=float, default=0.5,
+                       help="with --engines sliced: seconds each engine runs before the next one's turn")
     bench.add_argument("--kv-cache-mib", type=int, default=1024,
-                       help="KV cache of each engine (with --engines interleaved or shared all modes' engines are up "
-                            "at once)")
+                       help="KV cache of each engine (with --engines sliced, interleaved or shared all modes' "
+                            "engines are up at once)")
     bench.add_argument("--json", help="write every raw figure and machine info here")
     bench.add_argument("--plot", help="write tokens/s and per-position acceptance plots here (PNG)")
     bench.add_argument("--log-dir", help="keep each engine's log here")

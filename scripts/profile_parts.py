@@ -80,7 +80,8 @@ def main() -> int:
     llm = LLM(**engine_spec(cfg, args.mode)["engine"])
 
     for name in ("execute_model", "sample_tokens", "propose_draft_token_ids", "_prepare_inputs",
-                 "_update_states", "_bookkeeping_sync", "_model_forward"):
+                 "_update_states", "_bookkeeping_sync", "_model_forward", "_build_attention_metadata", "_preprocess",
+                 "_sample"):
         wrap(GPUModelRunner, name, "runner." + name)
     wrap(Scheduler, "schedule", "sched.schedule")
     wrap(EngineCore, "step", "core.step")

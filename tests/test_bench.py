@@ -48,6 +48,75 @@ def test_run_plan_shared_interleaves_modes_per_job():
         run_plan(["a"], [1], 1, "both")
 
 
+def test_run_plan_sliced_opens_every_modes_loop_per_job():
+    from dflash_vllm.bench.runner import resolve_engines, run_plan
+
+    plan = run_plan(["a", "b"], [1, 4], 2, "sliced")
+    assert plan == [("a", ["c1_r0"]), ("b", ["c1_r0"]), ("a", ["c4_r0"]), ("b", ["c4_r0"]),
+                    ("a", ["c1_r1"]), ("b", ["c1_r1"]), ("a", ["c4_r1"]), ("b", ["c4_r1"])]
+    assert resolve_engines("restart") == "restart"
+    assert resolve_engines("auto") in ("sliced", "restart")
+    with pytest.raises(ValueError, match="engines='slices'"):
+        resolve_engines("slices")
+
+
+class _FakeEngine:
+    """Decodes one token per request per step; a request is done after ``tokens`` steps."""
+
+    def __init__(self, tokens: int, drop: str | None = None):
+        self.tokens, self.drop = tokens, drop
+        self.running: dict[str, int] = {}
+        self.max_in_flight = 0
+        self.steps = 0
+
+    def add_request(self, rid, prompt, params):
+        self.running[rid] = 0
+        self.max_in_flight = max(self.max_in_flight, len(self.running))
+
+    def has_unfinished_requests(self):
+        return bool(self.running)
+
+    def step(self):
+        from types import SimpleNamespace
+
+        self.steps += 1
+        outs = []
+        for rid in list(self.running):
+            self.running[rid] += 1
+            if rid == self.drop:  # lost by the engine: never reported finished
+                del self.running[rid]
+            elif self.running[rid] == self.tokens:
+                del self.running[rid]
+                outs.append(SimpleNamespace(request_id=rid, finished=True, prompt=rid))
+        return outs
+
+
+def test_closed_loop_in_slices_keeps_c_in_flight_and_resumes_where_it_stopped():
+    from types import SimpleNamespace
+
+    from dflash_vllm.bench.engine_job import ClosedLoop
+
+    engine = _FakeEngine(tokens=3)
+    loop = ClosedLoop(SimpleNamespace(llm_engine=engine), [f"p{i}" for i in range(7)], [None] * 7, 2, tag="j")
+    assert engine.max_in_flight == 2 and loop.live
+    turns = 0
+    while loop.run(0.0):  # a zero-second slice still makes one step
+        turns += 1
+        assert engine.steps == turns and len(engine.running) <= 2
+    # 7 prompts, 2 at a time, 3 steps each: 4 waves of 3 steps; each slice was one step
+    assert engine.steps == 12 and loop.slices == 12 and engine.max_in_flight == 2
+    assert [o.request_id for o in loop.outputs()] == [f"j-{i}" for i in range(7)]
+    assert loop.wall_s > 0 and not loop.run(1.0)  # a finished loop stays finished
+
+    unfinished = ClosedLoop(SimpleNamespace(llm_engine=_FakeEngine(tokens=2)), ["a", "b"], [None] * 2, 2)
+    unfinished.run(0.0)
+    with pytest.raises(RuntimeError, match="0 of 2 prompts done"):
+        unfinished.outputs()
+    lost = ClosedLoop(SimpleNamespace(llm_engine=_FakeEngine(tokens=2, drop="bench-1")), ["a", "b"], [None] * 2, 2)
+    with pytest.raises(RuntimeError, match="1 prompts never finished"):
+        lost.run()
+
+
 def test_acceptance_histogram_from_prefix_counts():
     # 10 drafts, K=3: 6 accepted position 1, 3 of those position 2, 1 all three
     assert acceptance_histogram(10, [6, 3, 1]) == [4, 3, 2, 1]
@@ -65,7 +134,8 @@ def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     rc = main(["bench", "--target", str(tiny_pair.target), "--drafter", str(tiny_pair.drafter),
                "--prompts", str(prompts), "--concurrency", "1,2", "--max-tokens", "16", "--reps", "2",
-               "--no-compile", "--kv-cache-mib", "128", "--json", str(out_json), "--plot", str(out_png)])
+               "--no-compile", "--kv-cache-mib", "128", "--json", str(out_json), "--plot", str(out_png),
+               "--engines", "restart"])
     assert rc == 0
     res = json.loads(out_json.read_text())
     assert set(res["modes"]) == {"baseline", "builtin", "plugin-fixed", "plugin"} and not res["errors"]
@@ -89,6 +159,54 @@ def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
     assert all(m["engine_starts"] == 2 and m["engine_start_s"] > 0 for m in res["modes"].values())
     with Image.open(out_png) as img:
         assert img.size[0] > 400
+
+
+@pytest.mark.engine
+def test_bench_sliced_runs_every_modes_loop_in_turns_with_unchanged_outputs(tiny_pair, tmp_path):
+    from dflash_vllm.bench.runner import BenchConfig, run_bench
+
+    cfg = BenchConfig(target=str(tiny_pair.target), drafter=str(tiny_pair.drafter),
+                      prompts=["def f(x):", "import os\n", "x = 1", "class A:"], modes=["baseline", "plugin"],
+                      concurrency=[1, 2], reps=2, max_tokens=24, compile=False, kv_cache_bytes=128 << 20,
+                      engines="sliced", slice_s=0.05)
+    res = run_bench(cfg)
+    assert not res["errors"] and res["config"]["engines"] == "sliced"
+    # one engine per mode for the whole run; per job both modes' loops, closed in mode order
+    assert all(m["engine_starts"] == 1 for m in res["modes"].values())
+    assert res["order"] == [[f"c{c}_r{r}", m] for r in range(2) for c in (1, 2) for m in ("baseline", "plugin")]
+    for c in ("1", "2"):
+        reps = {m: res["modes"][m]["by_concurrency"][c]["reps"] for m in res["modes"]}
+        for base, ours in zip(reps["baseline"], reps["plugin"], strict=True):
+            assert base["num_output_tokens"] == ours["num_output_tokens"] == 16 * 24  # min_requests 16
+            assert base["slices"] >= 1 and ours["slices"] >= 1 and base["wall_s"] > 0
+        assert len(res["ratios"]["plugin/baseline"][c]["per_rep"]) == 2
+    assert max(r["slices"] for r in res["modes"]["plugin"]["by_concurrency"]["1"]["reps"]) > 1  # 0.05 s turns
+
+
+@pytest.mark.engine
+def test_engine_server_loop_in_slices_gives_the_same_tokens_as_in_one_go(tiny_pair, tmp_path):
+    from dflash_vllm.bench.engine_job import EngineServer
+    from dflash_vllm.bench.runner import BenchConfig, engine_spec
+
+    cfg = BenchConfig(target=str(tiny_pair.target), drafter=str(tiny_pair.drafter), prompts=["x"], compile=False,
+                      kv_cache_bytes=128 << 20)
+    spec = engine_spec(cfg, "plugin-fixed")
+    job = {"name": "j", "prompts": ["def f(x):", "import os\n", "x = 1", "class A:", "for i in"],
+           "sampling": {"temperature": 0, "max_tokens": 32, "ignore_eos": True}, "concurrency": 2}
+    server = EngineServer({k: v for k, v in spec.items() if k != "jobs"}, log_path=tmp_path / "e.log")
+    try:
+        whole = server.run(job)
+        assert server.open_loop(job)
+        turns = 0
+        while server.run_slice(0.01):
+            turns += 1
+        sliced = server.close_loop()
+    finally:
+        server.close()
+    assert turns > 3 and sliced["slices"] == turns + 1
+    # same greedy tokens, and the drafting counters count the loop's own steps only
+    assert sliced["token_ids"] == whole["token_ids"] and sliced["num_output_tokens"] == 5 * 32
+    assert sliced["spec"]["num_drafts"] == whole["spec"]["num_drafts"] > 0 and sliced["wall_s"] > 0
 
 
 @pytest.mark.engine

@@ -84,7 +84,7 @@ def _run_jobs(spec: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def _run_job(llm, job: dict[str, Any]) -> dict[str, Any]:
+def _job_params(job: dict[str, Any]) -> list:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -94,15 +94,11 @@ def _run_job(llm, job: dict[str, Any]) -> dict[str, Any]:
     n = len(job["prompts"])
     max_tokens = job.get("max_tokens") or [base.get("max_tokens", 16)] * n
     extra = job.get("extra_args") or [None] * n  # per prompt, e.g. {"dflash": {"max_draft_tokens": 2}}
-    params = [SamplingParams(**{**base, "max_tokens": m, **({"extra_args": e} if e else {})})
-              for m, e in zip(max_tokens, extra, strict=True)]
-    before = spec_counters(llm)
-    t = time.perf_counter()
-    if job.get("concurrency"):
-        outputs = _closed_loop(llm, job["prompts"], params, int(job["concurrency"]))
-    else:
-        outputs = llm.generate(job["prompts"], params, use_tqdm=False)
-    wall = time.perf_counter() - t
+    return [SamplingParams(**{**base, "max_tokens": m, **({"extra_args": e} if e else {})})
+            for m, e in zip(max_tokens, extra, strict=True)]
+
+
+def _job_result(llm, job: dict[str, Any], outputs: list, wall: float, before: dict[str, Any]) -> dict[str, Any]:
     token_ids = [list(o.outputs[0].token_ids) for o in outputs]
     return {
         "name": job.get("name", ""),
@@ -118,26 +114,84 @@ def _run_job(llm, job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _run_job(llm, job: dict[str, Any]) -> dict[str, Any]:
+    params = _job_params(job)
+    before = spec_counters(llm)
+    t = time.perf_counter()
+    if job.get("concurrency"):
+        outputs = _closed_loop(llm, job["prompts"], params, int(job["concurrency"]))
+    else:
+        outputs = llm.generate(job["prompts"], params, use_tqdm=False)
+    return _job_result(llm, job, outputs, time.perf_counter() - t, before)
+
+
+def _core_pids(llm) -> list[int]:
+    """The engine core processes of ``llm`` when it runs them apart (vLLM's default multiprocessing,
+    as served); [] for an engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)."""
+    manager = getattr(getattr(llm.llm_engine.engine_core, "resources", None), "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", None) or [] if p.pid]
+
+
+class ClosedLoop:
+    """``concurrency`` requests in flight until every prompt has run (a finished request is replaced
+    by the next prompt), stepped in slices of wall time: ``run(seconds)`` steps the engine until the
+    slice is over or the loop is done, and between slices the engine is left alone, its requests
+    still in flight, while another engine runs. ``wall_s`` sums the slices, so the loop's rate is
+    what it would be run in one go, but measured in the same seconds as the other engines' loops.
+    ``llm`` is a ``vllm.LLM`` (anything whose ``llm_engine`` has ``add_request``/``step``/
+    ``has_unfinished_requests``)."""
+
+    def __init__(self, llm, prompts: list[str], params: list, concurrency: int, tag: str = "bench"):
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        self._engine = llm.llm_engine
+        self._prompts, self._params, self._tag = prompts, params, tag
+        self._done: dict[int, Any] = {}
+        self._submitted = 0
+        self.wall_s = 0.0
+        self.slices = 0
+        while self._submitted < min(concurrency, len(prompts)):
+            self._submit()
+
+    def _submit(self) -> None:
+        i = self._submitted
+        self._engine.add_request(f"{self._tag}-{i}", self._prompts[i], self._params[i])
+        self._submitted += 1
+
+    @property
+    def live(self) -> bool:
+        return len(self._done) < len(self._prompts)
+
+    def run(self, seconds: float = float("inf")) -> bool:
+        """Step until ``seconds`` have passed (checked after each step) or every prompt has run;
+        True while prompts remain."""
+        t0 = time.perf_counter()
+        while self.live and self._engine.has_unfinished_requests():
+            for out in self._engine.step():
+                if out.finished:
+                    self._done[int(out.request_id.rsplit("-", 1)[1])] = out
+                    if self._submitted < len(self._prompts):
+                        self._submit()
+            if time.perf_counter() - t0 >= seconds:
+                break
+        self.wall_s += time.perf_counter() - t0
+        self.slices += 1
+        if self.live and not self._engine.has_unfinished_requests():
+            raise RuntimeError(f"closed loop {self._tag!r}: the engine has no requests left, yet "
+                               f"{len(self._prompts) - len(self._done)} prompts never finished")
+        return self.live
+
+    def outputs(self) -> list:
+        if self.live:
+            raise RuntimeError(f"closed loop not finished: {len(self._done)} of {len(self._prompts)} prompts done")
+        return [self._done[i] for i in range(len(self._prompts))]
+
+
 def _closed_loop(llm, prompts: list[str], params: list, concurrency: int) -> list:
     """Keep ``concurrency`` requests in flight until every prompt has run; outputs in prompt order."""
-    engine = llm.llm_engine
-    done: dict[int, Any] = {}
-    submitted = 0
-
-    def submit() -> None:
-        nonlocal submitted
-        engine.add_request(f"bench-{submitted}", prompts[submitted], params[submitted])
-        submitted += 1
-
-    while submitted < min(concurrency, len(prompts)):
-        submit()
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[int(out.request_id.split("-")[-1])] = out
-                if submitted < len(prompts):
-                    submit()
-    return [done[i] for i in range(len(prompts))]
+    loop = ClosedLoop(llm, prompts, params, concurrency)
+    loop.run()
+    return loop.outputs()
 
 
 def run_engine_jobs(spec: dict[str, Any], *, timeout_s: float = 1800, log_path: str | Path | None = None) -> dict:
@@ -159,17 +213,47 @@ def run_engine_jobs(spec: dict[str, Any], *, timeout_s: float = 1800, log_path: 
 
 
 def _serve(spec: dict[str, Any]) -> None:
-    """Start the engine once, then run jobs as they come: one JSON line on stdin per job,
-    ``{"job": {...}, "out": PATH}``; each result is written to PATH (atomically). EOF: exit."""
+    """Start the engine once, then run commands as they come, one JSON line each on stdin, each
+    result written to ``out`` (atomically); EOF: exit. ``{"job": {...}, "out": PATH}`` runs a job.
+    A job in slices (``ClosedLoop``): ``{"op": "open", "job": {...}}`` starts its closed loop,
+    ``{"op": "slice", "seconds": s}`` runs it for ``s`` seconds and answers ``{"live": bool}``,
+    ``{"op": "close"}`` answers the job's result, as a job run in one go would."""
     from vllm import LLM
 
     t0 = time.perf_counter()
     llm = LLM(**spec["engine"])
     _write_json(Path(spec["ready"]), {"engine_start_s": time.perf_counter() - t0})
+    loop: tuple[dict, ClosedLoop, dict] | None = None
     for line in sys.stdin:
-        if line.strip():
-            cmd = json.loads(line)
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        op = cmd.get("op", "run")
+        if op == "run":
             _write_json(Path(cmd["out"]), _run_job(llm, cmd["job"]))
+        elif op == "open":
+            if _core_pids(llm):
+                # a core in its own process steps on its own while it has requests, read or not: the
+                # loop would go on decoding during the other engines' turns
+                raise RuntimeError("a job in slices needs the engine core in this process: start the engine "
+                                   "with VLLM_ENABLE_V1_MULTIPROCESSING=0")
+            job = cmd["job"]
+            before = spec_counters(llm)
+            loop = (job, ClosedLoop(llm, job["prompts"], _job_params(job), int(job["concurrency"]),
+                                    tag=job.get("name") or "bench"), before)
+            _write_json(Path(cmd["out"]), {"live": loop[1].live})
+        elif op == "slice":
+            assert loop is not None, "slice before open"
+            _write_json(Path(cmd["out"]), {"live": loop[1].run(float(cmd["seconds"]))})
+        elif op == "close":
+            assert loop is not None, "close before open"
+            job, cl, before = loop
+            res = _job_result(llm, job, cl.outputs(), cl.wall_s, before)
+            res["slices"] = cl.slices
+            loop = None
+            _write_json(Path(cmd["out"]), res)
+        else:
+            raise ValueError(f"unknown op {op!r}")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -206,16 +290,33 @@ class EngineServer:
                 tail = self.log_path.read_text(errors="replace")[-6000:]
                 raise EngineJobError(f"engine process {'exited' if self.proc.returncode is not None else 'timed out'}"
                                      f" (code {self.proc.returncode}); log tail:\n{tail}")
-            time.sleep(0.05)
+            time.sleep(0.002)  # slices of ~0.5 s: a switch between engines should not take 50 ms
         return json.loads(path.read_text())
 
-    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, cmd: dict[str, Any]) -> dict[str, Any]:
         self._n += 1
         out = self._dir / f"out{self._n}.json"
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"job": job, "out": str(out)}) + "\n")
+        self.proc.stdin.write(json.dumps({**cmd, "out": str(out)}) + "\n")
         self.proc.stdin.flush()
-        return self._wait(out)
+        result = self._wait(out)
+        out.unlink()
+        return result
+
+    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+        return self._call({"job": job})
+
+    def open_loop(self, job: dict[str, Any]) -> bool:
+        """Start ``job``'s closed loop (it needs ``concurrency``); True while it has prompts left."""
+        return self._call({"op": "open", "job": job})["live"]
+
+    def run_slice(self, seconds: float) -> bool:
+        """Run the open loop for ``seconds``; True while it has prompts left."""
+        return self._call({"op": "slice", "seconds": seconds})["live"]
+
+    def close_loop(self) -> dict[str, Any]:
+        """The finished loop's result, as ``run`` gives a job's (``wall_s`` sums its slices)."""
+        return self._call({"op": "close"})
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -7,14 +7,27 @@ requests with ``c`` in flight at every moment (a finished request is replaced by
 server at concurrency ``c`` runs them. Repetition ``r`` takes prompts ``r*n .. r*n+n-1``, cycling,
 the same ones in every mode. Ratios between modes are taken per repetition pair, then their median.
 
-Engines (``engines``):
+Engines (``engines``; ``auto``, the default, is ``sliced`` on CPU and ``restart`` on a GPU):
 
-- ``restart`` (default): every repetition starts each mode's engine afresh, one engine alive at a
+- ``sliced``: every mode's engine starts once and stays up. Per concurrency and repetition, every
+  mode's closed loop is open at once and the engines take turns of ``slice_s`` seconds (0.5), the
+  order rotating from turn to turn, until every loop is done; a loop's time is the sum of its turns.
+  On the 2-core CPU machine this bench was built on, the speed drifts by up to ~20% over tens of
+  seconds (one engine running the same 3.5 s closed loop 40 times in a row: 1,765-2,680 tokens/s,
+  neighbouring runs within a few percent), so two modes timed minutes or even ten seconds apart
+  differ by the drift. Timed in alternating half-second turns they see the same drift: two
+  plain-decoding engines in one process, 10 closed loops of 64 requests at 16 in flight, differed
+  by 0.966x-1.022x per loop in turns of 0.5 s, against 0.897x-1.187x run one after the other.
+  All modes' engines must fit at once (``kv_cache_bytes`` each): CPU only (on a GPU vLLM's
+  start-up memory check expects the device to itself).
+- ``restart``: every repetition starts each mode's engine afresh, one engine alive at a
   time, the modes' order rotating from one repetition to the next. On the 2-core CPU machine this
   bench was built on, one engine instance runs up to ~20% faster or slower than another of the same
   mode for its whole life, and with all engines up at once an engine started later ran ~5% slower:
   a single instance per mode makes the comparison one draw of that lottery. Fresh instances per
-  repetition make it ``reps`` draws, and the rotation spreads start order evenly.
+  repetition make it ``reps`` draws, and the rotation spreads start order evenly. (Measured later,
+  instances differed about as much as one instance's runs did over time: the drift that ``sliced``
+  cancels.)
 - ``interleaved``: every repetition starts each mode's engine afresh too, but all of them stay up
   through the repetition and the modes take turns per job (concurrency), the order rotating from
   job to job and from repetition to repetition (so every mode starts first in some repetition).
@@ -62,7 +75,7 @@ MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
 # of the bench's noise).
 EXTRA_MODES = ("baseline-sync",)
 ALL_MODES = MODES + EXTRA_MODES
-ENGINES = ("restart", "interleaved", "shared")
+ENGINES = ("auto", "sliced", "restart", "interleaved", "shared")
 IDLE_GAP_S = 1.5  # pause between jobs: the engine that just ran stops spinning before the next starts
 RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
           ("plugin-fixed", "builtin"), ("builtin", "baseline"), ("baseline-sync", "baseline"),
@@ -82,7 +95,8 @@ class BenchConfig:
     waves: int = 4  # requests per concurrency slot in one repetition
     min_requests: int = 16
     num_speculative_tokens: int | None = None
-    engines: str = "restart"  # or "shared" (see the module docstring)
+    engines: str = "auto"  # see the module docstring: sliced on CPU, restart on GPU
+    slice_s: float = 0.5  # engines="sliced": seconds each engine runs before the next one's turn
     warmup_tokens: int = 32  # max_tokens of the warm-up loops
     compile: bool = True  # vLLM's default compilation, as users run it
     max_model_len: int = 1024
@@ -150,7 +164,23 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
             prompts = [cfg.prompts[(r * n + i) % len(cfg.prompts)] for i in range(n)]
             jobs.append({"name": f"c{c}_r{r}", "prompts": prompts, "sampling": sampling, "concurrency": c})
     env = {"DFLASH_VLLM_DISABLE": "1"} if mode == "builtin" else {"DFLASH_VLLM_DISABLE": "0"}
+    if resolve_engines(cfg.engines) == "sliced":
+        # the engine core in the engine's process: it steps only when called, so a loop waits for
+        # its next turn (a core in its own process decodes on its own while it has requests)
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return {"engine": engine, "jobs": jobs, "env": env}
+
+
+def resolve_engines(engines: str) -> str:
+    """``auto``: ``sliced`` where all modes' engines fit at once (CPU), else ``restart`` (a GPU:
+    vLLM's start-up memory check expects the device to itself)."""
+    if engines not in ENGINES:
+        raise ValueError(f"engines={engines!r}: choose from {list(ENGINES)}")
+    if engines != "auto":
+        return engines
+    import torch
+
+    return "restart" if torch.cuda.is_available() else "sliced"
 
 
 def run_plan(modes: list[str], concurrency: list[int], reps: int, engines: str) -> list[tuple[str, list[str]]]:
@@ -159,9 +189,10 @@ def run_plan(modes: list[str], concurrency: list[int], reps: int, engines: str) 
     entry per (repetition, job, mode), the order rotating per job and per repetition; a repetition's
     engines start at their first entry and stop after its last. ``shared``: one entry per (job, mode),
     the mode's engine kept up between its entries; per job the order rotates."""
-    if engines not in ENGINES:
-        raise ValueError(f"engines={engines!r}: choose from {list(ENGINES)}")
+    engines = resolve_engines(engines)
     names = [[f"c{c}_r{r}" for c in concurrency] for r in range(reps)]
+    if engines == "sliced":  # per job, every mode's loop at once; the turns within it: run_bench
+        return [(m, [name]) for r in range(reps) for name in names[r] for m in modes]
     if engines == "restart":
         return [(m, names[r]) for r in range(reps) for m in _rotated(modes, r)]
     if engines == "interleaved":
@@ -181,11 +212,60 @@ def _rotated(items: list[str], i: int) -> list[str]:
     return items[i:] + items[:i]
 
 
+def _run_sliced(cfg: BenchConfig, specs: dict[str, dict], start, servers: dict[str, EngineServer],
+                jobs: dict[str, dict[str, dict]], results: dict, progress=None) -> None:
+    """``engines="sliced"``: every mode's engine up for the whole run; per job, every mode's closed
+    loop open at once and the engines taking turns of ``cfg.slice_s`` seconds, the order rotating
+    from turn to turn, until every loop is done. A mode that fails is recorded and left out."""
+    def fail(mode: str, err: BaseException) -> None:
+        results["errors"][mode] = str(err)[-3000:]
+        server = servers.pop(mode, None)
+        if server is not None:
+            server.close()
+
+    for mode in specs:
+        try:
+            servers[mode] = start(mode)
+        except (EngineJobError, OSError) as err:
+            fail(mode, err)
+    turn = 0
+    for r in range(cfg.reps):
+        for c in cfg.concurrency:
+            name = f"c{c}_r{r}"
+            live: dict[str, bool] = {}
+            for mode in list(servers):
+                try:
+                    live[mode] = servers[mode].open_loop(next(j for j in specs[mode]["jobs"] if j["name"] == name))
+                except (EngineJobError, OSError) as err:
+                    fail(mode, err)
+            while any(live.values()):
+                for mode in _rotated(list(live), turn):
+                    if live.get(mode) and mode in servers:
+                        try:
+                            live[mode] = servers[mode].run_slice(cfg.slice_s)
+                        except (EngineJobError, OSError) as err:
+                            fail(mode, err)
+                            live.pop(mode)
+                turn += 1
+            for mode in list(live):
+                if mode not in servers:
+                    continue
+                if progress:
+                    progress(f"{name} {mode}")
+                try:
+                    jobs[mode][name] = servers[mode].close_loop()
+                    results["order"].append([name, mode])
+                except (EngineJobError, OSError) as err:
+                    fail(mode, err)
+
+
 def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None) -> dict:
     """Run every mode as ``run_plan`` orders it (see the module docstring). A mode that fails to
     start or dies is recorded under ``errors``, left out of the rest of the run, and the others
     still run."""
-    results: dict = {"machine": machine_info(), "config": {**asdict(cfg), "prompts": len(cfg.prompts)},
+    engines = resolve_engines(cfg.engines)
+    results: dict = {"machine": machine_info(),
+                     "config": {**asdict(cfg), "prompts": len(cfg.prompts), "engines": engines},
                      "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "modes": {}, "ratios": {}, "errors": {},
                      "order": []}  # (run, mode) in the order they ran
     log_root = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="dflash-bench-"))
@@ -205,7 +285,8 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
             progress(f"start {mode}")
         spec = specs[mode]
         # a mode whose start fails is out of the run: the starts before this one all succeeded
-        log = log_root / (f"bench-{mode}.log" if cfg.engines == "shared" else f"bench-{mode}-{len(starts[mode]) + 1}.log")
+        log = log_root / (f"bench-{mode}.log" if engines in ("shared", "sliced")
+                          else f"bench-{mode}-{len(starts[mode]) + 1}.log")
         server = EngineServer({k: v for k, v in spec.items() if k != "jobs"}, log_path=log)
         try:
             for job in spec["jobs"]:
@@ -217,10 +298,12 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
         starts[mode].append(server.engine_start_s)
         return server
 
-    plan = run_plan(list(specs), cfg.concurrency, cfg.reps, cfg.engines)
+    plan = [] if engines == "sliced" else run_plan(list(specs), cfg.concurrency, cfg.reps, engines)
     try:
+        if engines == "sliced":
+            _run_sliced(cfg, specs, start, servers, jobs, results, progress)
         for i, (mode, names) in enumerate(plan):
-            if cfg.engines == "interleaved" and i and _rep(names[0]) != _rep(plan[i - 1][1][0]):
+            if engines == "interleaved" and i and _rep(names[0]) != _rep(plan[i - 1][1][0]):
                 while servers:  # a new repetition: fresh engines for every mode
                     servers.popitem()[1].close()
             if mode in results["errors"]:
@@ -237,7 +320,7 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
                     time.sleep(IDLE_GAP_S)  # the engine just used goes idle (vLLM's workers spin ~1 s)
             except (EngineJobError, OSError) as err:
                 results["errors"][mode] = str(err)[-3000:]
-            if cfg.engines == "restart" or mode in results["errors"]:
+            if engines == "restart" or mode in results["errors"]:
                 server = servers.pop(mode, None)
                 if server is not None:
                     server.close()

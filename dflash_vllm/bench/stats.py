@@ -41,6 +41,7 @@ def job_figures(job: dict, concurrency: int) -> dict:
         "num_accepted_tokens": spec["num_accepted_tokens"],
         "num_output_tokens": tokens,
         "wall_s": wall,
+        "slices": job.get("slices"),  # engines="sliced": the turns its closed loop ran in
     }
 
 
