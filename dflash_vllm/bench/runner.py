@@ -229,34 +229,35 @@ def _run_sliced(cfg: BenchConfig, specs: dict[str, dict], start, servers: dict[s
         except (EngineJobError, OSError) as err:
             fail(mode, err)
     turn = 0
-    for r in range(cfg.reps):
-        for c in cfg.concurrency:
-            name = f"c{c}_r{r}"
-            live: dict[str, bool] = {}
-            for mode in list(servers):
-                try:
-                    live[mode] = servers[mode].open_loop(next(j for j in specs[mode]["jobs"] if j["name"] == name))
-                except (EngineJobError, OSError) as err:
-                    fail(mode, err)
-            while any(live.values()):
-                for mode in _rotated(list(live), turn):
-                    if live.get(mode) and mode in servers:
-                        try:
-                            live[mode] = servers[mode].run_slice(cfg.slice_s)
-                        except (EngineJobError, OSError) as err:
-                            fail(mode, err)
-                            live.pop(mode)
-                turn += 1
-            for mode in list(live):
-                if mode not in servers:
-                    continue
-                if progress:
-                    progress(f"{name} {mode}")
-                try:
-                    jobs[mode][name] = servers[mode].close_loop()
-                    results["order"].append([name, mode])
-                except (EngineJobError, OSError) as err:
-                    fail(mode, err)
+    plan = run_plan(list(specs), cfg.concurrency, cfg.reps, "sliced")
+    for name in dict.fromkeys(names[0] for _, names in plan):  # the jobs in plan order
+        live: dict[str, bool] = {}
+        for mode in list(servers):
+            try:
+                live[mode] = servers[mode].open_loop(_job(specs[mode], name))
+            except (EngineJobError, OSError) as err:
+                fail(mode, err)
+        while any(live.values()):
+            for mode in _rotated(list(live), turn):
+                if live.get(mode):
+                    try:
+                        live[mode] = servers[mode].run_slice(cfg.slice_s)
+                    except (EngineJobError, OSError) as err:
+                        fail(mode, err)
+                        live.pop(mode)
+            turn += 1
+        for mode in live:  # a mode that failed is out of ``live`` and ``servers`` alike
+            if progress:
+                progress(f"{name} {mode}")
+            try:
+                jobs[mode][name] = servers[mode].close_loop()
+                results["order"].append([name, mode])
+            except (EngineJobError, OSError) as err:
+                fail(mode, err)
+
+
+def _job(spec: dict, name: str) -> dict:
+    return next(j for j in spec["jobs"] if j["name"] == name)
 
 
 def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None) -> dict:
@@ -314,8 +315,7 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
                 for name in names:
                     if progress:
                         progress(f"{name} {mode}")
-                    job = next(j for j in specs[mode]["jobs"] if j["name"] == name)
-                    jobs[mode][name] = server.run(job)
+                    jobs[mode][name] = server.run(_job(specs[mode], name))
                     results["order"].append([name, mode])
                     time.sleep(IDLE_GAP_S)  # the engine just used goes idle (vLLM's workers spin ~1 s)
             except (EngineJobError, OSError) as err:
