@@ -162,7 +162,7 @@ def test_bench_smoke_writes_json_and_png(tiny_pair, tmp_path):
 
 
 @pytest.mark.engine
-def test_bench_sliced_runs_every_modes_loop_in_turns_with_unchanged_outputs(tiny_pair, tmp_path):
+def test_bench_sliced_runs_every_modes_loop_in_turns_on_one_engine_per_mode(tiny_pair, tmp_path):
     from dflash_vllm.bench.runner import BenchConfig, run_bench
 
     cfg = BenchConfig(target=str(tiny_pair.target), drafter=str(tiny_pair.drafter),
