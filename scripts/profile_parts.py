@@ -101,7 +101,8 @@ def main() -> int:
     warm = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     _closed_loop(llm, prompts[-4:], [warm] * 4, 1)
     if args.concurrency > 1:
-        _closed_loop(llm, prompts[-4 * args.concurrency:], [warm] * 4 * args.concurrency, args.concurrency)
+        warm_prompts = prompts[-4 * args.concurrency:]  # all of them when the set is smaller
+        _closed_loop(llm, warm_prompts, [warm] * len(warm_prompts), args.concurrency)
     SECONDS.clear()
     CALLS.clear()
     work = prompts[: args.prompts_n]
