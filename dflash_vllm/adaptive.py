@@ -340,12 +340,13 @@ class RequestFactors:
         st[0] = self.decay * st[0] + accepted
         st[1] = self.decay * st[1] + expected
 
-    def idle(self, req_ids) -> None:
+    def idle(self, req_ids, steps: int = 1) -> None:
+        fade = self.idle_decay ** steps
         for rid in req_ids:
             st = self._state.get(rid)
             if st is not None:
-                st[0] *= self.idle_decay
-                st[1] *= self.idle_decay
+                st[0] *= fade
+                st[1] *= fade
 
     def prune(self, live: list[str]) -> None:
         if len(self._state) > 4 * max(64, len(live)):
@@ -434,6 +435,9 @@ class PlainOrDraft:
         # found, so what it learnt must be in (the proposer's batched outcomes; it clears this)
         self.retry_done = False
         self.settled = False  # the last prefer_draft answered with the winner of two known modes
+        # the last prefer_draft held a due retry (lockstep): it holds while the batch keeps its
+        # requests (plain steps advance each by one token, so its lockstep stands)
+        self.holding = False
 
     @staticmethod
     def bucket(num_reqs: int) -> int:
@@ -477,7 +481,7 @@ class PlainOrDraft:
         b = self.bucket(num_reqs)
         retry = self._retry.get(b)
         self.retrying = retry is not None
-        self.settled = False
+        self.settled = self.holding = False
         if retry is not None:
             mode, left = retry
             if left > 1:
@@ -505,7 +509,7 @@ class PlainOrDraft:
             if not best and lockstep is not None and not self.few(num_reqs) and lockstep():
                 self._since[b] = n  # due, and held: it starts at the first step out of lockstep
                 self.held += 1
-                self.settled = True
+                self.settled = self.holding = True
                 return False
             self._since[b] = 0
             if self.explore_cycles > 1:
@@ -522,11 +526,37 @@ class PlainOrDraft:
         mode's measured seconds per cycle (a copy; the measured sums are kept)."""
         return [tokens_per_cycle * v[4] / v[3], *v[1:]]
 
-    def skip(self, num_reqs: int) -> None:
-        """A step that ran the settled mode without asking (``AdaptiveController.select``'s kept
-        choice): it counts toward the next retry as an answer of ``prefer_draft`` would."""
+    def skip(self, num_reqs: int, steps: int = 1) -> None:
+        """Steps that ran the settled mode without asking (``AdaptiveController.select``'s kept
+        choice, a streak of plain steps): they count toward the next retry as answers of
+        ``prefer_draft`` would (a held retry: as holds)."""
         b = self.bucket(num_reqs)
-        self._since[b] = self._since.get(b, 0) + 1
+        self._since[b] = self._since.get(b, 0) + steps
+        if self.holding:
+            self.held += steps
+
+    def skip_answers(self, num_reqs: int, steps: int) -> None:
+        """``steps`` answers of ``prefer_draft`` not asked, the last one having been for drafting
+        without a retry running: they count toward the next retry only where the rates settled."""
+        if self.settled:
+            self.skip(num_reqs, steps)
+
+    def steps_to_retry(self, num_reqs: int) -> int:
+        """Right after ``prefer_draft`` settled on plain decoding above a few requests: how many of
+        its next answers are sure to be plain too (the retry of drafting falls due after them),
+        while the batch stays in this size bucket. 0 when drafting won, a retry runs, or the batch
+        is a few requests (where new text may call a retry early)."""
+        if not self.settled or self.retrying or self.few(num_reqs):
+            return 0
+        b = self.bucket(num_reqs)
+        if b in self._retry:
+            return 0
+        known = self._known(b)
+        draft, plain = known.get("draft"), known.get("plain")
+        if draft is None or plain is None or draft[0] >= plain[0]:
+            return 0
+        # the next answer counts since + 1 and retries once that reaches the interval
+        return max(0, self.explore_interval(draft, plain) - self._since.get(b, 0) - 1)
 
     def observe(self, num_reqs: int, drafted: bool, tokens: float, seconds: float, busy: bool = False) -> bool:
         """One step cycle: ``num_reqs`` requests, whether drafts were sent, tokens it produced.
@@ -563,6 +593,44 @@ class PlainOrDraft:
             cur[6] += rate * rate
             cur[1] += 1
             cur[0] = cur[2] / cur[3]
+        return True
+
+    def observe_cycles(self, num_reqs: int, cycles: int, tokens: float, seconds: float) -> bool:
+        """``cycles`` plain cycles in a row at one batch-size bucket, ``tokens`` and ``seconds`` their
+        sums (a streak of plain steps the proposer ran without asking): folded as that many
+        ``observe`` calls of their mean would be (the same decay; one rate each). Gaps are the
+        caller's to leave out; the usual check of a cycle against the known rates still applies
+        to their mean."""
+        if cycles <= 0:
+            return False
+        if cycles == 1:
+            return self.observe(num_reqs, False, tokens, seconds)
+        if num_reqs <= 0 or not seconds > 0:
+            return False
+        b = self.bucket(num_reqs)
+        known = self._known(b)
+        usual = max((v[0] for v in known.values()), default=None)
+        per_tokens, per_seconds = tokens / cycles, seconds / cycles
+        if per_seconds > (self.max_step_s if usual is None else 5 * per_tokens / usual + 1e-3):
+            return False
+        modes = self.rates.setdefault(b, {})
+        fade = self.decay ** cycles
+        # sum over the cycles of decay^(cycles - 1 - i): each cycle's share once the later ones aged it
+        weight = (1.0 - fade) / (1.0 - self.decay) if self.decay < 1.0 else float(cycles)
+        for v in modes.values():
+            for i in range(2, 7):
+                v[i] *= fade
+        rate = per_tokens / per_seconds
+        cur = modes.get("plain")
+        if cur is None:
+            modes["plain"] = cur = [rate, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        cur[2] += weight * per_tokens
+        cur[3] += weight * per_seconds
+        cur[4] += weight
+        cur[5] += weight * rate
+        cur[6] += weight * rate * rate
+        cur[1] += cycles
+        cur[0] = cur[2] / cur[3]
         return True
 
 
@@ -675,6 +743,20 @@ class FewRequests:
         self.left -= 1
         return self.left <= 0
 
+    def steps_to_check(self) -> int:
+        """Right after ``resume`` said no: how many of its next answers are sure to be no too, while
+        no request joins (the wait's steps still to run)."""
+        return max(0, self.left - 1)
+
+    def skip(self, steps: int) -> None:
+        """``steps`` plain steps of the wait ran without asking ``resume`` (no request joined)."""
+        self.left -= steps
+
+
+# Steps a held retry of drafting runs as one streak at most (it ends sooner when a request of the
+# batch ends or joins; the next plain step then asks again and may start another).
+HELD_STREAK = 256
+
 
 class AdaptiveController:
     """The per-engine state behind adaptive drafting; the proposer calls it once per step.
@@ -718,6 +800,12 @@ class AdaptiveController:
         self._cuts = 0
         self._drafting_steps = 0
         self._mode_checked = False  # wants_draft() already asked PlainOrDraft about this step
+        self._few_answered = False  # the last wants_draft() was FewRequests' answer
+        # the last select() vetoed every request of its batch with a kept veto: the steps it stands
+        # for yet (same batch), as ``plain_horizon`` reports them; and the requests it left idle
+        self._veto_left = 0
+        self._veto_idle: list[str] = []
+        self._streak_kind = "rates"  # what plain_horizon's last answer rested on: few, veto, held or rates
         # Whether the last select() chose plain decoding for the steps to come: at once when the
         # measured rates prefer it, after ``plain_after_veto`` vetoes in a row from the cost model
         # (a lone veto, from noise in the estimates, would cost a switch of mode and a backfill).
@@ -844,6 +932,8 @@ class AdaptiveController:
         ``lockstep``: whether the batch's requests would end within a few steps of each other
         decoding plainly (asked only when a retry of drafting is due; ``PlainOrDraft.prefer_draft``)."""
         ratio = self._few_ratio(req_ids)
+        self._few_answered = ratio is not None
+        self._veto_left = 0
         if ratio is not None:
             self._mode_checked = self.few.resume(req_ids, ratio, self.pooled_yield)
             return self._mode_checked
@@ -867,6 +957,53 @@ class AdaptiveController:
         if caps is not None:
             gains = np.where(np.arange(k)[None] >= np.asarray(caps)[:, None], 0.0, gains)
         return len(req_ids) + float(gains.sum())
+
+    def plain_horizon(self, num_reqs: int) -> int:
+        """Right after a plain step's choice (``wants_draft`` said no, or ``select`` vetoed every
+        request): how many of the next steps are sure to stay plain, asked or not. A few requests'
+        wait (``FewRequests``) and a kept veto of the cost model hold while the batch keeps its
+        requests; the measured rates' choice above a few requests (the steps before drafting's
+        retry falls due) while it keeps its size bucket (``streak_keeps_requests``). The proposer
+        runs those steps as a streak (``plain_streak``) without asking each one."""
+        if self._few_answered:
+            self._streak_kind = "few"
+            return self.few.steps_to_check()
+        if self._veto_left:  # the measured rates said draft, and the cost model's kept veto stands
+            self._streak_kind = "veto"
+            return self._veto_left
+        if self.modes.holding:  # a due retry held for a batch in lockstep: while it keeps its requests
+            self._streak_kind = "held"
+            return HELD_STREAK
+        self._streak_kind = "rates"
+        return self.modes.steps_to_retry(num_reqs)
+
+    def streak_keeps_requests(self) -> bool:
+        """Whether the streak ``plain_horizon`` last allowed holds only while the batch keeps its
+        requests (a few requests' wait, a kept veto); else while it keeps its size bucket."""
+        return self._streak_kind != "rates"
+
+    def plain_streak(self, num_reqs: int, steps: int, timed: int, tokens: int, seconds: float, end: float,
+                     req_ids: list[str] | None = None) -> None:
+        """Account for ``steps`` plain decoding steps the proposer ran without asking (``plain_horizon``)
+        at ``num_reqs`` requests (the last step's): ``timed`` of their cycles (gaps left out)
+        produced ``tokens`` in ``seconds``; the last one ended at ``end`` and opened the cycle the
+        next step closes. As many answers of ``wants_draft`` would have been no."""
+        if timed:
+            self._note(self.modes.observe_cycles, num_reqs, timed, tokens, seconds)
+            self._note(self.plain_cost.observe, tokens / timed, seconds / timed)
+        if self._streak_kind == "few":
+            self.few.skip(steps)
+        elif self._streak_kind == "veto":  # each step would have asked both again
+            self.modes.skip_answers(num_reqs, steps)
+            self._kept[2] -= steps
+            b = PlainOrDraft.bucket(num_reqs)
+            self._vetoed[b] = self._vetoed.get(b, 0) + steps
+            self.requests.idle(self._veto_idle, steps)
+        else:
+            self.modes.skip(num_reqs, steps)
+        self._mode_checked = False
+        self._last_end = end
+        self.open_cycle(end, num_reqs, 0, plain=True, req_ids=req_ids)
 
     def plain_step(self, now: float, num_reqs: int, num_tokens: int, req_ids: list[str] | None = None) -> None:
         """Account for a plain step the drafter sat out (cycle rate, plain step cost at ``num_tokens``)."""
@@ -962,7 +1099,13 @@ class AdaptiveController:
             elif self._kept is None and self.reselect_every > 1:
                 self._kept = [list(req_ids), caps, self.reselect_every - 1, sel, False]
         self.declined = not sel.any() and self._vetoed.get(b, 0) >= self.plain_after_veto
-        self.requests.idle([rid for rid, s, c in zip(req_ids, sel, caps, strict=True) if not s and c > 0])
+        idle = [rid for rid, s, c in zip(req_ids, sel, caps, strict=True) if not s and c > 0]
+        self.requests.idle(idle)
+        kept = self._kept
+        if not sel.any() and kept is not None and not kept[3].any() and not self.modes.retrying:
+            # a veto kept for this batch: its steps go as this one did (an exploring draft excepted)
+            self._veto_left = max(0, min(kept[2], self.explore_every - 1 - self._vetoed.get(b, 0)))
+            self._veto_idle = idle
         return sel
 
     def describe(self) -> str:

@@ -940,3 +940,22 @@ def test_the_answer_after_a_retry_of_drafting_knows_it_ended():
     retry = [i for i, (draft, _) in enumerate(answers) if draft]
     assert len(retry) == m.explore_cycles and retry == list(range(retry[0], retry[0] + m.explore_cycles))
     assert [done for _, done in answers] == [i == retry[-1] for i in range(len(answers))]
+
+
+def test_plain_cycles_folded_at_once_equal_as_many_observed_one_by_one():
+    """A streak of plain cycles folded in one ``observe_cycles`` leaves both modes' decayed sums
+    where that many ``observe`` calls of its mean cycle would."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    one, folded = PlainOrDraft(warmup_drafts=0), PlainOrDraft(warmup_drafts=0)
+    for m in (one, folded):
+        for _ in range(10):
+            m.observe(16, True, 30.0, 0.020)
+            m.observe(16, False, 16.0, 0.008)
+    for _ in range(37):
+        one.observe(16, False, 16.0, 0.010)
+    assert folded.observe_cycles(16, 37, 37 * 16.0, 37 * 0.010)
+    b = PlainOrDraft.bucket(16)
+    for mode in ("plain", "draft"):
+        assert np.allclose(one.rates[b][mode], folded.rates[b][mode], rtol=1e-9), mode
+    assert not folded.observe_cycles(16, 5, 5 * 16.0, 5 * 1.0), "an idle engine's cycles are no rate"

@@ -29,6 +29,7 @@ def _proposer(num_reqs: int) -> DFlashVllmProposer:
     p._force_plain = False
     p.plain = True
     p.plain_steps = 0
+    p._streak = None
     p._describe_every = 500
     ctl = p.adaptive = AdaptiveController(max_drafts=K)
     ctl.step_cost.set_profile({1: 5e-3, 8: 6e-3, 64: 20e-3, 512: 150e-3})
@@ -171,3 +172,129 @@ def test_each_verified_cycle_of_a_few_drafting_requests_feeds_their_yields():
     cad = SimpleNamespace(query_start_loc_cpu=torch.arange(0, 41, 8))
     assert p._learn_from_last_step(ids, cad, torch.zeros(5, dtype=torch.int64)) == 35
     assert p.adaptive.few.yields == dict.fromkeys(ids, 3.0), "5 drafting requests: the pooled choice's business"
+
+
+def _settled_on_plain(num_reqs: int, streaks: bool, capacity: int = 0) -> DFlashVllmProposer:
+    """A proposer whose measured rates put drafting at 16 requests at 0.8x plain decoding, on a
+    clock of 10 ms per step; ``streaks`` False: the controller is asked every step (the old path)."""
+    import itertools
+
+    from dflash_vllm.context_backlog import ContextBacklog
+
+    p = _proposer(num_reqs)
+    # out of lockstep (a due retry is not held): requests with 64, 114, ... tokens to go
+    p._runner, _ = _lockstep_runner([3] * num_reqs, [20] * num_reqs, [64 + 50 * i for i in range(num_reqs)])
+    ctl = p.adaptive
+    ctl.modes.warmup_drafts = 0
+    for _ in range(20):
+        ctl.modes.observe(num_reqs, True, 1.6 * num_reqs, 0.020)
+        ctl.modes.observe(num_reqs, False, 1.0 * num_reqs, 0.010)
+    clock = itertools.count(0.0, 0.010)
+    p._now = lambda: next(clock)
+    p._ones = np.ones(0, dtype=np.int64)
+    p._backlog = ContextBacklog(capacity) if capacity else None
+    if not streaks:
+        ctl.plain_horizon = lambda num_reqs: 0
+    return p
+
+
+def _plain_run(p: DFlashVllmProposer, num_reqs: int, steps: int, until_draft: bool = False) -> list[bool]:
+    """``steps`` decoding steps (one token per request, features = position); the answers, up to
+    the first that drafts with ``until_draft``."""
+    import torch
+
+    out = []
+    cad = SimpleNamespace(query_start_loc_cpu=torch.arange(num_reqs + 1))
+    for t in range(steps):
+        pos = torch.full((num_reqs,), t, dtype=torch.int64)
+        out.append(p.stay_plain(num_reqs, num_reqs, [pos[:, None].float()], pos, cad))
+        if until_draft and not out[-1]:
+            break
+        p.plain = True  # (a drafting answer: the engine would run propose; here plain again)
+    return out
+
+
+def test_a_streak_of_plain_steps_answers_as_asking_every_step_would():
+    """Above a few requests, the steps the measured rates are sure to run plain run as a streak
+    without the controller: the same answers on the same steps (the retry of drafting falls due on
+    the same step), the plain rate learnt alike, and far fewer questions."""
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    asked = {}
+    runs = {}
+    for streaks in (False, True):
+        p = _settled_on_plain(16, streaks)
+        ctl = p.adaptive
+        calls = []
+        wants = ctl.wants_draft
+        ctl.wants_draft = lambda *a, _w=wants, _c=calls, **k: _c.append(1) or _w(*a, **k)
+        runs[streaks] = _plain_run(p, 16, 400)
+        p._end_streak()  # (the run ended inside one)
+        ctl.flush()
+        asked[streaks] = (len(calls), ctl.modes.rates[PlainOrDraft.bucket(16)]["plain"])
+    assert runs[True] == runs[False]
+    assert not all(runs[True]), "the retry of drafting fell due within the run"
+    assert asked[True][0] < asked[False][0] / 4, (asked[True][0], asked[False][0])
+    assert np.allclose(asked[True][1], asked[False][1], rtol=1e-6), "the same decayed sums of the plain rate"
+
+
+def test_a_streak_keeps_only_the_features_still_in_the_ring_when_it_ends():
+    """The backlog copies a streak step's features only if the ring still holds them when the
+    streak ends: at resumption the backlog holds what recording every step would have left."""
+    kept = {}
+    for streaks in (False, True):
+        p = _settled_on_plain(16, streaks, capacity=64)
+        answers = _plain_run(p, 16, 400, until_draft=True)
+        first_draft = answers.index(False)
+        feats, pos, rows = p._backlog.take({f"r{i}": i for i in range(16)})
+        kept[streaks] = (first_draft, pos.tolist(), rows.tolist(), feats[:, 0].tolist())
+    assert kept[True] == kept[False]
+    assert len(kept[True][1]) == 64
+
+
+def test_a_few_requests_streak_ends_when_a_request_joins():
+    """At a few requests the wait's steps run as a streak while the batch keeps its requests; a
+    request joining is checked at once, as when asked every step."""
+    p = _settled_on_plain(2, True)
+    ctl = p.adaptive
+    for _ in range(20):  # both modes measured at 2 requests: FewRequests decides
+        ctl.modes.observe(2, True, 2.0, 0.020)
+        ctl.modes.observe(2, False, 2.0, 0.010)
+    ctl.few.yields = {"r0": 1.2, "r1": 1.2}
+    ctl.few.left = 16  # in a wait of plain steps
+    assert _plain_run(p, 2, 1) == [True]
+    assert p._streak is not None and p._streak.req_ids == ["r0", "r1"], "the wait's steps: a streak"
+    assert _plain_run(p, 2, 5) == [True] * 5 and p._streak.steps == 5
+    ctl.few.start_yield = 8.0  # a joining request is expected to yield well
+    p._runner.input_batch.req_ids[1] = "r9"
+    assert _plain_run(p, 2, 1) == [False], "the new request is checked at once"
+    assert p._streak is None and ctl.few.left == 16 - 1 - 5
+
+
+def test_a_kept_veto_of_the_cost_model_runs_as_a_streak_with_the_same_answers():
+    """Where drafting is unmeasured at 64 requests and the cost model vetoes it, the veto kept for
+    the batch runs as a streak: the same answers (its exploring drafting step included), vetoes
+    counted alike, far fewer questions."""
+    import itertools
+
+    from dflash_vllm.adaptive import PlainOrDraft
+
+    seen = {}
+    for streaks in (False, True):
+        p = _proposer(64)
+        ctl = p.adaptive
+        clock = itertools.count(0.0, 0.020)
+        p._now = lambda _c=clock: next(_c)
+        p._ones = np.ones(0, dtype=np.int64)
+        if not streaks:
+            ctl.plain_horizon = lambda num_reqs: 0
+        calls = []
+        select = ctl.select
+        ctl.select = lambda *a, _s=select, _c=calls, **k: _c.append(1) or _s(*a, **k)
+        answers = _plain_run(p, 64, 300)
+        p._end_streak()
+        seen[streaks] = (answers, len(calls), ctl._vetoed[PlainOrDraft.bucket(64)])
+    assert seen[True][0] == seen[False][0]
+    assert not all(seen[True][0]), "the exploring drafting step came within the run"
+    assert seen[True][2] == seen[False][2]
+    assert seen[True][1] < seen[False][1] / 4, (seen[True][1], seen[False][1])
