@@ -805,7 +805,7 @@ class AdaptiveController:
         # for yet (same batch), as ``plain_horizon`` reports them; and the requests it left idle
         self._veto_left = 0
         self._veto_idle: list[str] = []
-        self._streak_kind = "rates"  # what plain_horizon's last answer rested on: few, veto, held or rates
+        self.streak_kind = "rates"  # what plain_horizon's last answer rested on: few, veto, held or rates
         # Whether the last select() chose plain decoding for the steps to come: at once when the
         # measured rates prefer it, after ``plain_after_veto`` vetoes in a row from the cost model
         # (a lone veto, from noise in the estimates, would cost a switch of mode and a backfill).
@@ -960,27 +960,24 @@ class AdaptiveController:
 
     def plain_horizon(self, num_reqs: int) -> int:
         """Right after a plain step's choice (``wants_draft`` said no, or ``select`` vetoed every
-        request): how many of the next steps are sure to stay plain, asked or not. A few requests'
-        wait (``FewRequests``) and a kept veto of the cost model hold while the batch keeps its
-        requests; the measured rates' choice above a few requests (the steps before drafting's
-        retry falls due) while it keeps its size bucket (``streak_keeps_requests``). The proposer
-        runs those steps as a streak (``plain_streak``) without asking each one."""
+        request): how many of the next steps are sure to stay plain, asked or not. ``streak_kind``
+        says why: a few requests' wait (``FewRequests``, "few"), a kept veto of the cost model
+        ("veto") and a retry of drafting held for a batch in lockstep ("held", up to
+        ``HELD_STREAK``; the proposer caps it at the batch's first end) hold while the batch keeps
+        its requests; the measured rates' choice above a few requests ("rates": the steps before
+        drafting's retry falls due) while it keeps its size bucket. The proposer runs those steps
+        as a streak (``plain_streak``) without asking each one."""
         if self._few_answered:
-            self._streak_kind = "few"
+            self.streak_kind = "few"
             return self.few.steps_to_check()
         if self._veto_left:  # the measured rates said draft, and the cost model's kept veto stands
-            self._streak_kind = "veto"
+            self.streak_kind = "veto"
             return self._veto_left
         if self.modes.holding:  # a due retry held for a batch in lockstep: while it keeps its requests
-            self._streak_kind = "held"
+            self.streak_kind = "held"
             return HELD_STREAK
-        self._streak_kind = "rates"
+        self.streak_kind = "rates"
         return self.modes.steps_to_retry(num_reqs)
-
-    def streak_keeps_requests(self) -> bool:
-        """Whether the streak ``plain_horizon`` last allowed holds only while the batch keeps its
-        requests (a few requests' wait, a kept veto); else while it keeps its size bucket."""
-        return self._streak_kind != "rates"
 
     def plain_streak(self, num_reqs: int, steps: int, timed: int, tokens: int, seconds: float, end: float,
                      req_ids: list[str] | None = None) -> None:
@@ -991,9 +988,9 @@ class AdaptiveController:
         if timed:
             self._note(self.modes.observe_cycles, num_reqs, timed, tokens, seconds)
             self._note(self.plain_cost.observe, tokens / timed, seconds / timed)
-        if self._streak_kind == "few":
+        if self.streak_kind == "few":
             self.few.skip(steps)
-        elif self._streak_kind == "veto":  # each step would have asked both again
+        elif self.streak_kind == "veto":  # each step would have asked both again
             self.modes.skip_answers(num_reqs, steps)
             self._kept[2] -= steps
             b = PlainOrDraft.bucket(num_reqs)

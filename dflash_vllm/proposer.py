@@ -85,22 +85,28 @@ def in_lockstep(runner, req_ids: list[str], slack: int = LOCKSTEP_SLACK) -> bool
     steps of each other decoding plainly: each has about as many tokens left to its
     ``max_tokens`` (unless it stops early). Requests started together with one ``max_tokens`` run
     so; so do the waves of a closed loop of such requests, each admitted as the last one ends."""
+    return lockstep_end(runner, req_ids, slack) is not None
+
+
+def lockstep_end(runner, req_ids: list[str], slack: int = LOCKSTEP_SLACK) -> int | None:
+    """For a batch in lockstep (``in_lockstep``): the tokens its first request to end has left to
+    its ``max_tokens``; None when not in lockstep."""
     batch = runner.input_batch
     n = len(req_ids)
     if n == 0:
-        return False
+        return None
     produced = (batch.num_tokens_no_spec[:n] - batch.num_prompt_tokens[:n]).tolist()
     lo = hi = None
     for rid, done in zip(req_ids, produced, strict=True):
         state = runner.requests.get(rid)
         params = None if state is None else state.sampling_params
         if params is None or params.max_tokens is None:
-            return False
+            return None
         left = params.max_tokens - done
         lo, hi = (left, left) if lo is None else (min(lo, left), max(hi, left))
         if hi - lo > slack:
-            return False
-    return True
+            return None
+    return lo
 
 
 class PlainStreak:
@@ -111,9 +117,14 @@ class PlainStreak:
     gap between an adaptive engine decoding plainly and a plain engine.
 
     A streak holds while the steps decode (one token per request) and the batch keeps its size
-    bucket or, for a few requests' wait or a kept veto of the cost model (``req_ids`` set: a
-    joining request is checked at once), its requests. Its steps are timed one by one; a cycle over 5x the streak's mean so far (an idle
-    engine) is left out of the rate."""
+    bucket or, for a few requests' wait, a kept veto of the cost model and a held retry
+    (``req_ids`` set: a joining request is checked at once), its requests. Its steps are timed one
+    by one; a cycle over 5x the streak's mean so far (an idle engine) is left out of the rate.
+
+    The feature backlog takes a streak step's features only if the ring will still hold them
+    when the streak runs its course. A streak that ends sooner (a request ends early, the batch
+    changes size) and hands over to drafting leaves the ring short of the steps it skipped: those
+    tokens' context stays a gap, which costs acceptance for a while, never correctness."""
 
     __slots__ = ("left", "bucket", "req_ids", "num_reqs", "last", "steps", "timed", "tokens", "seconds")
 
@@ -428,12 +439,15 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         req_ids = self._batch_req_ids(num_reqs)
         draft = ctl is None or self._draft_after_plain(num_reqs, req_ids)
         horizon = 0 if draft or self._force_plain or req_ids is None else ctl.plain_horizon(num_reqs)
-        # a few requests' wait, or a kept veto: the streak holds while the batch keeps its requests
-        few = horizon > 0 and ctl.streak_keeps_requests()
+        if horizon and ctl.streak_kind == "held":  # until the batch's first request ends (or stops early)
+            horizon = min(horizon, max(0, (lockstep_end(self._runner, req_ids) or 0) - 1))
+        # a few requests' wait, a kept veto, a held retry: the streak holds while the batch keeps its requests
+        keep_requests = horizon > 0 and ctl.streak_kind != "rates"
         if self._tp_size > 1:  # rank 0 decides for all (the drafting step runs collectives)
             from vllm.distributed import get_tp_group
 
-            draft, horizon, few = get_tp_group().broadcast_object((bool(draft), horizon, few), src=0)
+            draft, horizon, keep_requests = get_tp_group().broadcast_object(
+                (bool(draft), horizon, keep_requests), src=0)
         if draft:
             self.plain = False
             self._resumed = True
@@ -442,7 +456,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         ctl.plain_step(now, num_reqs, num_tokens, req_ids)
         self._record(num_reqs, num_tokens, aux_hidden_states, positions, cad, req_ids)
         if horizon > 0 and num_tokens == num_reqs:
-            self._streak = PlainStreak(horizon, num_reqs, now, req_ids if few else None)
+            self._streak = PlainStreak(horizon, num_reqs, now, req_ids if keep_requests else None)
         if not self.plain_steps:
             logger.info("dflash-vllm: drafting does not pay at %d requests: plain decoding steps until it "
                         "does (re-measured now and then)", num_reqs)
@@ -452,7 +466,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         return True
 
     def _streak_holds(self, streak: PlainStreak, num_reqs: int) -> bool:
-        if streak.req_ids is not None:  # a few requests: the same ones
+        if streak.req_ids is not None:  # the same requests
             return len(streak.req_ids) == num_reqs and self._runner.input_batch.req_ids[:num_reqs] == streak.req_ids
         return PlainOrDraft.bucket(num_reqs) == streak.bucket
 

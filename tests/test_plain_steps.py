@@ -298,3 +298,35 @@ def test_a_kept_veto_of_the_cost_model_runs_as_a_streak_with_the_same_answers():
     assert not all(seen[True][0]), "the exploring drafting step came within the run"
     assert seen[True][2] == seen[False][2]
     assert seen[True][1] < seen[False][1] / 4, (seen[True][1], seen[False][1])
+
+
+def test_a_held_retry_runs_as_a_streak_until_the_batchs_first_request_ends():
+    """A retry of drafting held for a batch in lockstep holds as a streak while the batch keeps its
+    requests, at most until its first request reaches ``max_tokens``: holds counted as asking every
+    step counts them, far fewer questions."""
+    import itertools
+
+    seen = {}
+    for streaks in (False, True):
+        p = _proposer(16)
+        ctl = p.adaptive
+        ctl.modes.warmup_drafts = 0
+        for _ in range(20):
+            ctl.modes.observe(16, True, 40.0, 0.040)
+            ctl.modes.observe(16, False, 16.0, 0.010)
+        p._runner, _ = _lockstep_runner([3] * 16, list(range(20, 36)), [64] * 16)  # 61 tokens to go
+        clock = itertools.count(0.0, 0.010)
+        p._now = lambda _c=clock: next(_c)
+        if not streaks:
+            ctl.plain_horizon = lambda num_reqs: 0
+        calls = []
+        wants = ctl.wants_draft
+        ctl.wants_draft = lambda *a, _w=wants, _c=calls, **k: _c.append(1) or _w(*a, **k)
+        answers = [p.stay_plain(16, 16) for _ in range(1500)]
+        if streaks:
+            assert p._streak is not None and p._streak.left < 61
+        p._end_streak()
+        seen[streaks] = (answers, ctl.modes.held, len(calls))
+    assert seen[True][0] == seen[False][0] and all(seen[True][0])
+    assert seen[True][1] == seen[False][1] > 100
+    assert seen[True][2] < seen[False][2] / 10
