@@ -122,14 +122,18 @@ class PlainStreak:
     by one; a cycle over 5x the streak's mean so far (an idle engine) is left out of the rate.
 
     The feature backlog takes a streak step's features only if the ring will still hold them
-    when the streak runs its course. A streak that ends sooner (a request ends early, the batch
-    changes size) and hands over to drafting leaves the ring short of the steps it skipped: those
-    tokens' context stays a gap, which costs acceptance for a while, never correctness."""
+    when the streak runs its course, and none in a held retry's streak (its batch's requests end
+    within a few steps of it). A streak that ends sooner (a request stops early, the batch changes
+    size) and hands over to drafting leaves the ring short of the steps it skipped: those tokens'
+    context stays a gap, which costs acceptance for a while, never correctness. At 64 requests in
+    one process (``scripts/profile_parts.py plugin --concurrency 64``) the copy was 0.055 of the
+    0.093 ms a plain step cost the plugin."""
 
-    __slots__ = ("left", "bucket", "req_ids", "num_reqs", "last", "steps", "timed", "tokens", "seconds")
+    __slots__ = ("left", "bucket", "req_ids", "record", "num_reqs", "last", "steps", "timed", "tokens", "seconds")
 
-    def __init__(self, left: int, num_reqs: int, now: float, req_ids: list[str] | None):
+    def __init__(self, left: int, num_reqs: int, now: float, req_ids: list[str] | None, record: bool = True):
         self.left = left
+        self.record = record  # whether its steps' features go to the backlog (in the ring's reach)
         self.bucket = PlainOrDraft.bucket(num_reqs)
         self.req_ids = req_ids
         self.num_reqs = num_reqs
@@ -430,7 +434,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             if streak.left > 0 and num_tokens == num_reqs and self._streak_holds(streak, num_reqs):
                 streak.step(self._now(), num_reqs)
                 # only tokens still in the ring when the streak ends are worth its copy
-                if self._backlog is not None and streak.left * num_reqs < self._backlog.capacity:
+                if streak.record and self._backlog is not None and streak.left * num_reqs < self._backlog.capacity:
                     self._record(num_reqs, num_tokens, aux_hidden_states, positions, cad,
                                  streak.req_ids or self._batch_req_ids(num_reqs))
                 self.plain_steps += 1
@@ -439,15 +443,13 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         req_ids = self._batch_req_ids(num_reqs)
         draft = ctl is None or self._draft_after_plain(num_reqs, req_ids)
         horizon = 0 if draft or self._force_plain or req_ids is None else ctl.plain_horizon(num_reqs)
-        if horizon and ctl.streak_kind == "held":  # until the batch's first request ends (or stops early)
+        kind = None if draft or self._force_plain or req_ids is None else ctl.streak_kind
+        if horizon and kind == "held":  # until the batch's first request ends (or stops early)
             horizon = min(horizon, max(0, (lockstep_end(self._runner, req_ids) or 0) - 1))
-        # a few requests' wait, a kept veto, a held retry: the streak holds while the batch keeps its requests
-        keep_requests = horizon > 0 and ctl.streak_kind != "rates"
-        if self._tp_size > 1:  # rank 0 decides for all (the drafting step runs collectives)
+        if self._tp_size > 1:  # rank 0 decides for all (the drafting step and the backfill run collectives)
             from vllm.distributed import get_tp_group
 
-            draft, horizon, keep_requests = get_tp_group().broadcast_object(
-                (bool(draft), horizon, keep_requests), src=0)
+            draft, horizon, kind = get_tp_group().broadcast_object((bool(draft), horizon, kind), src=0)
         if draft:
             self.plain = False
             self._resumed = True
@@ -456,7 +458,11 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         ctl.plain_step(now, num_reqs, num_tokens, req_ids)
         self._record(num_reqs, num_tokens, aux_hidden_states, positions, cad, req_ids)
         if horizon > 0 and num_tokens == num_reqs:
-            self._streak = PlainStreak(horizon, num_reqs, now, req_ids if keep_requests else None)
+            # a few requests' wait, a kept veto, a held retry: the streak holds while the batch keeps
+            # its requests. A held batch's requests all end within a few steps of the streak's end,
+            # so their features would serve a few drafting steps at most: not copied.
+            self._streak = PlainStreak(horizon, num_reqs, now, None if kind == "rates" else req_ids,
+                                       record=kind != "held")
         if not self.plain_steps:
             logger.info("dflash-vllm: drafting does not pay at %d requests: plain decoding steps until it "
                         "does (re-measured now and then)", num_reqs)

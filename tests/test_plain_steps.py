@@ -325,6 +325,7 @@ def test_a_held_retry_runs_as_a_streak_until_the_batchs_first_request_ends():
         answers = [p.stay_plain(16, 16) for _ in range(1500)]
         if streaks:
             assert p._streak is not None and p._streak.left < 61
+            assert not p._streak.record, "a held batch's features would serve a few drafting steps at most"
         p._end_streak()
         seen[streaks] = (answers, ctl.modes.held, len(calls))
     assert seen[True][0] == seen[False][0] and all(seen[True][0])
