@@ -100,6 +100,15 @@ def test_plain_steps_record_the_drafters_context_for_when_drafting_resumes():
     assert torch.equal(feats[:, 0], pos.float()) and torch.equal(feats[:, 4], pos.float() + 1000)
 
 
+def _measured(ctl: AdaptiveController, num_reqs: int, draft_tokens: float, draft_s: float, plain_tokens: float,
+              plain_s: float) -> None:
+    """20 cycles of each mode measured at ``num_reqs`` requests (no warm-up drafts skipped)."""
+    ctl.modes.warmup_drafts = 0
+    for _ in range(20):
+        ctl.modes.observe(num_reqs, True, draft_tokens, draft_s)
+        ctl.modes.observe(num_reqs, False, plain_tokens, plain_s)
+
+
 def _lockstep_runner(produced, prompt_lens, max_tokens):
     ids = [f"r{i}" for i in range(len(produced))]
     batch = SimpleNamespace(req_ids=ids, num_tokens_no_spec=np.add(prompt_lens, produced),
@@ -133,10 +142,7 @@ def test_a_due_retry_of_drafting_is_held_for_a_batch_in_lockstep():
     sooner takes one's place."""
     p = _proposer(16)
     ctl = p.adaptive
-    ctl.modes.warmup_drafts = 0
-    for _ in range(20):
-        ctl.modes.observe(16, True, 40.0, 0.040)
-        ctl.modes.observe(16, False, 16.0, 0.010)
+    _measured(ctl, 16, 40.0, 0.040, 16.0, 0.010)
     runner, ids = _lockstep_runner([3] * 16, list(range(20, 36)), [64] * 16)
     p._runner = runner
     assert all(p.stay_plain(16, 16) for _ in range(1500))
@@ -185,10 +191,7 @@ def _settled_on_plain(num_reqs: int, streaks: bool, capacity: int = 0) -> DFlash
     # out of lockstep (a due retry is not held): requests with 64, 114, ... tokens to go
     p._runner, _ = _lockstep_runner([3] * num_reqs, [20] * num_reqs, [64 + 50 * i for i in range(num_reqs)])
     ctl = p.adaptive
-    ctl.modes.warmup_drafts = 0
-    for _ in range(20):
-        ctl.modes.observe(num_reqs, True, 1.6 * num_reqs, 0.020)
-        ctl.modes.observe(num_reqs, False, 1.0 * num_reqs, 0.010)
+    _measured(ctl, num_reqs, 1.6 * num_reqs, 0.020, 1.0 * num_reqs, 0.010)
     clock = itertools.count(0.0, 0.010)
     p._now = lambda: next(clock)
     p._ones = np.ones(0, dtype=np.int64)
@@ -255,11 +258,8 @@ def test_a_streak_keeps_only_the_features_still_in_the_ring_when_it_ends():
 def test_a_few_requests_streak_ends_when_a_request_joins():
     """At a few requests the wait's steps run as a streak while the batch keeps its requests; a
     request joining is checked at once, as when asked every step."""
-    p = _settled_on_plain(2, True)
+    p = _settled_on_plain(2, True)  # both modes measured at 2 requests: FewRequests decides
     ctl = p.adaptive
-    for _ in range(20):  # both modes measured at 2 requests: FewRequests decides
-        ctl.modes.observe(2, True, 2.0, 0.020)
-        ctl.modes.observe(2, False, 2.0, 0.010)
     ctl.few.yields = {"r0": 1.2, "r1": 1.2}
     ctl.few.left = 16  # in a wait of plain steps
     assert _plain_run(p, 2, 1) == [True]
@@ -310,10 +310,7 @@ def test_a_held_retry_runs_as_a_streak_until_the_batchs_first_request_ends():
     for streaks in (False, True):
         p = _proposer(16)
         ctl = p.adaptive
-        ctl.modes.warmup_drafts = 0
-        for _ in range(20):
-            ctl.modes.observe(16, True, 40.0, 0.040)
-            ctl.modes.observe(16, False, 16.0, 0.010)
+        _measured(ctl, 16, 40.0, 0.040, 16.0, 0.010)
         p._runner, _ = _lockstep_runner([3] * 16, list(range(20, 36)), [64] * 16)  # 61 tokens to go
         clock = itertools.count(0.0, 0.010)
         p._now = lambda _c=clock: next(_c)
