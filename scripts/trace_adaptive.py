@@ -4,8 +4,9 @@ Runs the bench's jobs for one mode (warm-up loops, then ``--reps`` closed loops 
 concurrency) on one engine, in this process by default, and records for every engine step: requests, tokens,
 new prompts, drafts verified, the step's wall time, whether it ran plain, the drafts proposed, the
 backfill time, each cycle the controller counted (mode, tokens, seconds), and the rates the mode
-choice saw. Prints a summary per job: plain steps (and which rule chose them: the measured rates
-or the cost model's veto), the measured plain and drafting rates, backfills.
+choice saw. Prints a summary per job: plain steps (and which rule chose them: the few-requests rule,
+the measured rates, the cost model's veto, or none asked: a streak), the measured plain and
+drafting rates, backfills.
 
     .venv/bin/python scripts/trace_adaptive.py --concurrency 1,4,16,64 --reps 2 --json runs/trace.json
 
@@ -45,10 +46,14 @@ def _summary(jobs: list[dict], events: list[dict]) -> None:
               f"at {_rate(plain):.0f} tok/s, drafting {len(draft)} at {_rate(draft):.0f} tok/s; "
               f"{sum(1 for e in steps if 'backfill_ms' in e)} backfills")
         why = [e for e in steps if e.get("stayed_plain")]
+        by_streak = sum(1 for e in why if e.get("streak"))
+        why = [e for e in why if not e.get("streak")]
+        by_few = sum(1 for e in why if e.get("few") is False)
         by_rates = sum(1 for e in why if e.get("prefer") is False)
         by_veto = sum(1 for e in why if e.get("prefer") is not False and e.get("chosen") == 0)
-        print(f"{'':>11}  plain steps chosen by the measured rates {by_rates}, by the cost model's veto {by_veto}, "
-              f"other {len(why) - by_rates - by_veto}")
+        print(f"{'':>11}  plain steps chosen by the few-requests rule {by_few}, by the measured rates {by_rates}, "
+              f"by the cost model's veto {by_veto}, in a streak (not asked) {by_streak}, "
+              f"other {len(why) - by_few - by_rates - by_veto}")
 
 
 def main() -> None:

@@ -112,14 +112,25 @@ def install(sink: Callable[[dict], None]) -> None:
     execute_model.__wrapped__ = fn
     GPUModelRunner.execute_model = execute_model
     _wrap(P.DFlashVllmProposer, "propose", after=proposed)
+    before_streak: list = [None, None]  # (id, steps) of the proposer's plain streak before stay_plain
+
+    def streak_before(self):
+        streak = getattr(self, "_streak", None)
+        before_streak[:] = [None, None] if streak is None else [id(streak), streak.steps]
+
     def stayed(self, out, dt, num_reqs, *a, **k):
         ids = self._batch_req_ids(num_reqs)
-        cur.update(stayed_plain=out, lockstep=None if ids is None else P.in_lockstep(self._runner, ids))
+        # a step of a plain streak: the controller was not asked (PlainStreak)
+        streak = getattr(self, "_streak", None)
+        in_streak = streak is not None and [id(streak), streak.steps - 1] == before_streak
+        cur.update(stayed_plain=out, streak=in_streak,
+                   lockstep=None if ids is None else P.in_lockstep(self._runner, ids))
 
-    _wrap(P.DFlashVllmProposer, "stay_plain", after=stayed)
+    _wrap(P.DFlashVllmProposer, "stay_plain", before=streak_before, after=stayed)
     _wrap(P.DFlashVllmProposer, "_backfill", after=lambda self, out, dt, *a, **k: cur.update(backfill_ms=dt * 1e3))
     _wrap(adaptive.PlainOrDraft, "observe", after=counted)
     _wrap(adaptive.PlainOrDraft, "prefer_draft", after=asked)
+    _wrap(adaptive.FewRequests, "resume", after=lambda self, out, dt, *a, **k: cur.update(few=bool(out)))
     _wrap(adaptive.AdaptiveController, "_select", after=lambda self, out, dt, *a, **k: cur.update(chosen=int(out.sum())))
 
 
