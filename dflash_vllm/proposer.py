@@ -442,8 +442,9 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             self._end_streak()
         req_ids = self._batch_req_ids(num_reqs)
         draft = ctl is None or self._draft_after_plain(num_reqs, req_ids)
-        horizon = 0 if draft or self._force_plain or req_ids is None else ctl.plain_horizon(num_reqs)
-        kind = None if draft or self._force_plain or req_ids is None else ctl.streak_kind
+        horizon, kind = 0, None  # plain steps sure to follow, and why (AdaptiveController.streak_kind)
+        if not (draft or self._force_plain or req_ids is None):
+            horizon, kind = ctl.plain_horizon(num_reqs), ctl.streak_kind
         if horizon and kind == "held":  # until the batch's first request ends (or stops early)
             horizon = min(horizon, max(0, (lockstep_end(self._runner, req_ids) or 0) - 1))
         if self._tp_size > 1:  # rank 0 decides for all (the drafting step and the backfill run collectives)
