@@ -664,11 +664,15 @@ class FewRequests:
     """
 
     def __init__(self, alpha: float = 0.3, hysteresis: float = 1.0, wait: int = 4, grow: float = 1.5,
-                 max_wait: int = 64, max_reqs: int = 4, start_alpha: float = 0.1, lone_hysteresis: float = 0.8):
+                 max_wait: int = 64, max_reqs: int = 4, start_alpha: float = 0.1, lone_hysteresis: float = 0.7):
         self.alpha = alpha
         self.hysteresis = hysteresis
-        # one request: 0.8 (tuned on the maps at one request; in one process at one request, 1.025x
-        # the fixed-length plugin against 1.005x with 1.0, the A/A engine 0.972x)
+        # One request: 0.7. First 0.8, tuned on the maps at one request with the AMD machine's costs
+        # (in one process at one request, 1.025x the fixed-length plugin against 1.005x with 1.0, the
+        # A/A engine 0.972x). With the costs of the Intel machine of later records (cheaper drafting:
+        # ``scripts/simulate_modes.py`` docstring) and the rule carried across loops as an engine
+        # carries it, 0.8 ran the easier half of the eval prompts at 0.945x drafting every step and
+        # 0.7 at 1.001x (eval 1.800x -> 1.843x plain decoding, 64 tuning texts 1.732x -> 1.733x).
         self.lone_hysteresis = lone_hysteresis
         self.wait = wait
         self.grow = grow
@@ -801,6 +805,13 @@ class AdaptiveController:
         self._drafting_steps = 0
         self._mode_checked = False  # wants_draft() already asked PlainOrDraft about this step
         self._few_answered = False  # the last wants_draft() was FewRequests' answer
+        # The next drafting step is a try of FewRequests (drafting resumes after its plain steps) and
+        # sends every draft the caps allow: the rule judges the try on its yields, which a cut would
+        # bound (a request sent 1 draft yields 2 tokens at most). In an in-process trace at 4 requests
+        # on CPU, the first drafting steps after plain ones sent 5-8 of 14 drafts at 2 requests (5 of 5)
+        # and at 4 requests the first 4 of 28.
+        self._try_full = False
+        self.full_tries = True
         # the last select() vetoed every request of its batch with a kept veto: the steps it stands
         # for yet (same batch), as ``plain_horizon`` reports them; and the requests it left idle
         self._veto_left = 0
@@ -936,6 +947,7 @@ class AdaptiveController:
         self._veto_left = 0
         if ratio is not None:
             self._mode_checked = self.few.resume(req_ids, ratio, self.pooled_yield)
+            self._try_full = self._mode_checked and self.full_tries
             return self._mode_checked
         new_text, draft_yield = False, None
         if req_ids and self.modes.few(num_reqs):
@@ -1131,7 +1143,8 @@ class AdaptiveController:
             return caps  # a lone drafting request: every draft its cap allows (caps <= max_drafts)
         conf = np.asarray(conf, dtype=np.float64)
         self._cuts += 1
-        if not self.step_cost.known() or (self.full_every and self._cuts % self.full_every == 0):
+        full, self._try_full = self._try_full, False
+        if full or not self.step_cost.known() or (self.full_every and self._cuts % self.full_every == 0):
             return np.minimum(caps, conf.shape[1])
         return choose_draft_lengths(self.calibrator.estimate(conf), self.step_cost.cost, caps=caps,
                                     draft_cost=draft_seconds)

@@ -30,7 +30,9 @@ choice on the measured rates alone at a few requests too (not on this text's exp
 ``nohigh`` no retry of drafting at 8 or more requests once both modes are measured, ``nohold`` a
 retry of drafting starts when due even while the batch runs in lockstep, ``nofew`` (or
 ``nolone``) 1-4 requests' mode chosen by the pooled choice (not by ``FewRequests``), ``onlyone``
-``FewRequests`` at 1 request only (as c2b892b's rule).
+``FewRequests`` at 1 request only (as c2b892b's rule), ``lone08`` its one-request hysteresis at 0.8
+(before 0.7), ``trycut`` its tries of drafting cut by the cost model like any drafting step (before
+they sent every draft).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in 
 import numpy as np  # noqa: E402
 
 ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext", "nohigh", "nohold", "nofew", "nolone",
-             "onlyone")
+             "onlyone", "lone08", "trycut")
 
 
 def ablate(proposer, ablations: list[str]) -> None:
@@ -87,6 +89,10 @@ def ablate(proposer, ablations: list[str]) -> None:
             ctl.few = None
         elif name == "onlyone":  # the few-request rule at 1 request only (as c2b892b)
             ctl.few.max_reqs = 1
+        elif name == "lone08":
+            ctl.few.lone_hysteresis = 0.8
+        elif name == "trycut":
+            ctl.full_tries = False
         elif name == "noplain":
             ctl.modes.prefer_draft = lambda num_reqs, *args, **kwargs: True
         else:

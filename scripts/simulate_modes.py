@@ -12,7 +12,15 @@ demo pair on the 2-core CPU (``scripts/trace_adaptive.py --served``, medians per
   drafts): ``--draft-ms c0 cn cm cs`` -> ``c0 + cn n + cm m + cs s``;
 - a step that admits new prompts: ``--prefill-ms p0 p1`` more -> ``p0 + p1 new``. A closed loop
   admits a request as one ends: plain decoding keeps equal-length requests in lockstep, drafting
-  spreads their ends.
+  spreads their ends;
+- a drafting cycle right after plain steps (the drafter's backfill of their context): ``--resume-ms``
+  more.
+
+The defaults are the AMD EPYC machine's of the first records. The Intel Xeon machine of later
+records drafts relatively cheaper (least squares over an in-process trace at 4 requests, code
+716faac, ``runs/trace_c4.json``): ``--plain-ms 6.04 0.158 --draft-ms 11.03 0.485 0.485 0.069
+--resume-ms 1.5`` (backfills took 1.1-2.9 ms). ``--carry`` runs one rule through every loop in turn,
+as one engine runs the bench's repetitions (its start yield carried from one prompt set to the next).
 
 For each map file it prints, as speed-ups over plain decoding (more is faster):
 
@@ -41,8 +49,8 @@ from dflash_vllm.adaptive import FewRequests  # noqa: E402
 
 
 class Costs:
-    def __init__(self, plain: list[float], draft: list[float], prefill: list[float], k: int):
-        self.plain, self.draft, self.prefill, self.k = plain, draft, prefill, k
+    def __init__(self, plain: list[float], draft: list[float], prefill: list[float], k: int, resume: float = 0.0):
+        self.plain, self.draft, self.prefill, self.k, self.resume = plain, draft, prefill, k, resume
 
     def plain_cycle(self, n: int) -> float:
         return self.plain[0] + self.plain[1] * n
@@ -85,7 +93,7 @@ class Few:
     the outcome of the last), a resume check after each plain step; a resumed cycle is not checked."""
 
     def __init__(self, rule: FewRequests, prior: float):
-        self.rule, self.prior, self.state = rule, prior, "check"
+        self.rule, self.prior, self.state, self.extra_ms = rule, prior, "check", 0.0
 
     def decide(self, batch, pos, maps, costs):
         n = len(batch)
@@ -93,6 +101,7 @@ class Few:
         if self.state == "plain":
             if not self.rule.resume(batch, ratio, lambda: self.prior):
                 return None
+            self.extra_ms += costs.resume  # the drafter catches up on the plain steps' context
         elif not self.rule.keep_drafting(batch, ratio, lambda: self.prior):
             self.state = "plain"
             return None
@@ -118,6 +127,8 @@ def closed_loop(maps: list[list[int]], order: list[int], policy, costs: Costs, c
     while active:
         batch = list(active)
         chosen = policy.decide(batch, pos, active, costs)
+        if getattr(policy, "extra_ms", 0.0):
+            ms, policy.extra_ms = ms + policy.extra_ms, 0.0
         if not chosen:
             ms += costs.plain_cycle(len(batch))
             for r in batch:
@@ -136,6 +147,21 @@ def closed_loop(maps: list[list[int]], order: list[int], policy, costs: Costs, c
     return ms
 
 
+def loops(maps, units, make, costs: Costs, concurrency: int, carry: int) -> list[float]:
+    """Milliseconds per loop: a fresh policy per loop, or (``carry`` > 0) one policy for all,
+    the loops run in turn ``carry`` times over (summed per loop)."""
+    if not carry:
+        return [closed_loop(maps, u, make(), costs, concurrency) for u in units]
+    policy, ms, n = make(), [0.0] * len(units), len(maps)
+    every = maps * carry  # each pass's requests are new ones (ids p * n + i)
+    for p in range(carry):
+        for i, u in enumerate(units):
+            if isinstance(policy, Few):
+                policy.state = "check"  # a loop starts with a drafting step's check, as the engine's
+            ms[i] += closed_loop(every, [p * n + r for r in u], policy, costs, concurrency)
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +171,8 @@ def main() -> None:
     ap.add_argument("--plain-ms", type=float, nargs=2, default=[3.1, 0.45])
     ap.add_argument("--draft-ms", type=float, nargs=4, default=[5.87, 0.67, 0.58, 0.23])
     ap.add_argument("--prefill-ms", type=float, nargs=2, default=[4.0, 2.5])
+    ap.add_argument("--resume-ms", type=float, default=0.0,
+                    help="more for a drafting cycle after plain steps (the drafter's backfill of their context)")
     ap.add_argument("--prior", type=float, default=3.0, help="seed of the rule's start yield")
     defaults = FewRequests()
     ap.add_argument("--alpha", type=float, default=defaults.alpha)
@@ -152,18 +180,21 @@ def main() -> None:
     ap.add_argument("--wait", type=int, default=defaults.wait)
     ap.add_argument("--grow", type=float, default=defaults.grow)
     ap.add_argument("--lone-hysteresis", type=float, default=defaults.lone_hysteresis)
+    ap.add_argument("--carry", type=int, default=0, metavar="REPS",
+                    help="one rule for every loop, as one engine runs the bench: the loops in turn, "
+                         "REPS times over (0: a fresh rule per loop)")
     args = ap.parse_args()
     for name in args.maps:
         data = json.loads(Path(name).read_text())
         maps = [row["accepted"] for row in data["prompts"]]
-        costs = Costs(args.plain_ms, args.draft_ms, args.prefill_ms, data["block_size"] - 1)
+        costs = Costs(args.plain_ms, args.draft_ms, args.prefill_ms, data["block_size"] - 1, args.resume_ms)
         units = [list(range(i, min(i + args.unit, len(maps)))) for i in range(0, len(maps), args.unit)]
         for c in args.concurrency:
             def few(c=c) -> Few:
                 return Few(FewRequests(args.alpha, args.hysteresis, args.wait, args.grow, max_reqs=max(4, c),
                                        lone_hysteresis=args.lone_hysteresis), args.prior)
 
-            ms = {name_: [closed_loop(maps, u, make(), costs, c) for u in units]
+            ms = {name_: loops(maps, units, make, costs, c, args.carry)
                   for name_, make in (("plain", Plain), ("draft", Draft), ("myopic", Myopic), ("few", few))}
             plain = ms.pop("plain")
             print(f"{name}: {len(maps)} prompts, concurrency {c}, {len(units)} loops of {args.unit}: "

@@ -892,7 +892,7 @@ def test_the_controller_runs_a_few_requests_by_their_own_yields_once_both_modes_
         ctl.modes.observe(1, False, 1.0, 4e-3)
     assert ctl._few_ratio(["a"]) == pytest.approx(2.0)
     assert ctl._few_ratio(["a", "b"]) is None, "not measured at two requests yet"
-    assert ctl.few.lone_hysteresis == 0.8 and ctl.few.hysteresis == 1.0
+    assert ctl.few.lone_hysteresis == 0.7 and ctl.few.hysteresis == 1.0
 
     decided = []
     for _ in range(12):
@@ -901,7 +901,7 @@ def test_the_controller_runs_a_few_requests_by_their_own_yields_once_both_modes_
         if not sel.any():
             break
         ctl.few.observe("a", 1.0)  # none of the 7 accepted (the proposer hands each yield over)
-    assert ctl.few.yields["a"] < 1.6 and ctl.declined
+    assert ctl.few.yields["a"] < 0.7 * 2.0 and ctl.declined
     assert decided[-1] is False and all(decided[:-1])
     assert [ctl.wants_draft(1, ["a"]) for _ in range(4)] == [False, False, False, True]
     assert ctl.select(["a"], one, 8).all(), "the try drafts whatever the cost model says"
@@ -918,6 +918,47 @@ def test_the_controller_runs_a_few_requests_by_their_own_yields_once_both_modes_
         ctl.few.observe(rid, 1.0)
         ctl.few.observe(rid, 1.0)
     assert not ctl.select(ids, caps, 8).any() and ctl.declined
+
+
+def test_a_try_of_the_few_requests_rule_sends_every_draft_whatever_the_cut_says():
+    """``FewRequests`` judges a try of drafting on the yields of its cycle: the cut would bound them
+    (a request sent one draft yields two tokens at most), so the drafting step that ``wants_draft``
+    resumed sends every draft the caps allow. Only that one: the steps after it are cut as usual,
+    and so is a drafting step the rule did not resume (its check passed while drafting)."""
+    def controller(full_tries: bool) -> AdaptiveController:
+        ctl = AdaptiveController(max_drafts=7, full_every=0)
+        ctl.full_tries = full_tries
+        ctl.step_cost.set_profile({1: 5e-3, 2: 10e-3, 8: 40e-3})  # every draft costs more than it yields
+        ctl.modes.warmup_drafts = 0
+        for _ in range(20):
+            ctl.modes.observe(2, True, 4.0, 12e-3)
+            ctl.modes.observe(2, False, 2.0, 4e-3)
+        return ctl
+
+    ids, caps, conf = ["a", "b"], np.array([7, 3]), np.full((2, 7), 0.2)
+    ctl = controller(True)
+    assert ctl.select(ids, caps, 8).all(), "new text at the start yield (seeded by the pooled yield)"
+    assert ctl.cut(conf, caps).tolist() == [0, 0], "not a try: cut"
+    for rid in ids:
+        ctl.few.observe(rid, 1.0)
+        ctl.few.observe(rid, 1.0)
+    assert not ctl.select(ids, caps, 8).any() and ctl.declined
+    answers = []
+    while not answers or not answers[-1]:
+        answers.append(ctl.wants_draft(2, ids))
+    assert len(answers) == ctl.few.wait
+    assert ctl.select(ids, caps, 8).all()
+    assert ctl.cut(conf, caps).tolist() == [7, 3], "the try sends every draft"
+    assert ctl.cut(conf, caps).tolist() == [0, 0], "the next drafting step is cut again"
+    for rid in ids:
+        ctl.few.observe(rid, 8.0)
+    assert ctl.select(ids, caps, 8).all() and ctl.cut(conf, caps).tolist() == [0, 0]
+
+    ctl = controller(False)  # tries cut like any drafting step
+    ctl.few.yields = {"a": 1.0, "b": 1.0}
+    ctl.few.left = 1
+    assert ctl.wants_draft(2, ids) and ctl.select(ids, caps, 8).all()
+    assert ctl.cut(conf, caps).tolist() == [0, 0]
 
 
 def test_the_answer_after_a_retry_of_drafting_knows_it_ended():
