@@ -19,11 +19,13 @@ only tokens/s is measured then. ``DFLASH_VLLM_DISABLE`` must match the mode (1 f
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 SECONDS: dict[str, float] = defaultdict(float)
 CALLS: dict[str, int] = defaultdict(int)
@@ -45,6 +47,21 @@ def wrap(cls, name: str, label: str) -> None:
     setattr(cls, name, timed)
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) each thread of this process has run, by ``name/tid`` (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            name = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        out[f"{name}/{task.name}"] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["baseline", "builtin", "plugin-fixed", "plugin"])
@@ -52,6 +69,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--threads", action="store_true",
+                    help="also the CPU seconds each thread of this process ran in the timed loop (in one "
+                         "process: VLLM_ENABLE_V1_MULTIPROCESSING=0)")
     args = ap.parse_args()
     if (os.environ.get("DFLASH_VLLM_DISABLE") == "1") != (args.mode == "builtin"):
         sys.exit("set DFLASH_VLLM_DISABLE=1 for mode builtin, and only for it")
@@ -107,9 +127,24 @@ def main() -> int:
     CALLS.clear()
     work = prompts[: args.prompts_n]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
+    gc_times, gc_start = defaultdict(float), {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_start["t"] = time.perf_counter()
+        elif "t" in gc_start:
+            gc_times[info["generation"]] += time.perf_counter() - gc_start.pop("t")
+            CALLS[f"gc.gen{info['generation']}"] += 1
+
+    gc.callbacks.append(on_gc)
+    cpu0 = thread_cpu()
     t = time.perf_counter()
     outs = _closed_loop(llm, work, [params] * len(work), args.concurrency)
     wall = time.perf_counter() - t
+    cpu = {k: v - cpu0.get(k, 0.0) for k, v in thread_cpu().items()}
+    gc.callbacks.remove(on_gc)
+    for gen, secs in gc_times.items():
+        SECONDS[f"gc.gen{gen}"] = secs  # Python's garbage collections in the loop, in any thread
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     steps = CALLS["sched.schedule"]
     res = {"mode": args.mode, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps,
@@ -118,6 +153,11 @@ def main() -> int:
     print(f"{args.mode}: {tokens} tokens in {wall:.2f} s, {tokens / wall:.1f} tokens/s, {steps or 'uncounted'} steps")
     for k, v in res["ms_per_step"].items():
         print(f"  {k:<34} {v:7.3f} ms/step ({CALLS[k]} calls)")
+    if args.threads:
+        res["thread_cpu_s"] = {k: v for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0}
+        print(f"  threads' CPU seconds in the {wall:.2f} s loop ({len(cpu)} threads, the busy ones):")
+        for k, v in res["thread_cpu_s"].items():
+            print(f"    {k:<32} {v:7.2f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
