@@ -739,11 +739,12 @@ class FewRequests:
         self._admit(req_ids, prior)
         return self._check(req_ids, ratio, caps)
 
-    def resume(self, req_ids: list[str], ratio: float, prior: Callable[[], float]) -> bool:
+    def resume(self, req_ids: list[str], ratio: float, prior: Callable[[], float],
+               caps: np.ndarray | None = None) -> bool:
         """After a plain step: whether the next step drafts (a new request whose start yield makes
-        drafting pay, or the wait is over: a try)."""
+        drafting pay, checked as ``keep_drafting`` checks, or the wait is over: a try)."""
         if self._admit(req_ids, prior):
-            return self._check(req_ids, ratio)
+            return self._check(req_ids, ratio, caps)
         self.left -= 1
         return self.left <= 0
 
@@ -936,17 +937,18 @@ class AdaptiveController:
         return 1.0 + float(np.cumprod(self.calibrator.position_rates(self.max_drafts)).sum())
 
     def wants_draft(self, num_reqs: int, req_ids: list[str] | None = None,
-                    lockstep: Callable[[], bool] | None = None) -> bool:
+                    lockstep: Callable[[], bool] | None = None, caps: np.ndarray | None = None) -> bool:
         """After a plain step (the drafter idle): whether the next one drafts. Asked once per step;
         when it says yes, ``select`` takes the answer instead of asking again. ``req_ids``, the
         batch's requests, tell whether its text is new since drafting last ran at this batch size.
         ``lockstep``: whether the batch's requests would end within a few steps of each other
-        decoding plainly (asked only when a retry of drafting is due; ``PlainOrDraft.prefer_draft``)."""
+        decoding plainly (asked only when a retry of drafting is due; ``PlainOrDraft.prefer_draft``).
+        ``caps``: the requests' draft caps (None: none set), as ``select`` takes them."""
         ratio = self._few_ratio(req_ids)
         self._few_answered = ratio is not None
         self._veto_left = 0
         if ratio is not None:
-            self._mode_checked = self.few.resume(req_ids, ratio, self.pooled_yield)
+            self._mode_checked = self.few.resume(req_ids, ratio, self.pooled_yield, caps)
             self._try_full = self._mode_checked and self.full_tries
             return self._mode_checked
         new_text, draft_yield = False, None

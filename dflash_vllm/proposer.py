@@ -503,12 +503,13 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         ctl = self.adaptive
         if self._force_plain:
             return False
-        if not ctl.wants_draft(num_reqs, req_ids, None if req_ids is None else lambda: self._in_lockstep(req_ids)):
+        k = self.num_speculative_tokens
+        caps = None if req_ids is None else self._request_caps(req_ids, k)
+        if not ctl.wants_draft(num_reqs, req_ids, None if req_ids is None else lambda: self._in_lockstep(req_ids),
+                               caps):
             return False
         if req_ids is None:
             return True
-        k = self.num_speculative_tokens
-        caps = self._request_caps(req_ids, k)
         sel = ctl.select(req_ids, self._uncapped(num_reqs, k) if caps is None else caps, 1 + k)
         self._preselected = (req_ids, sel) if sel.any() else None
         return self._preselected is not None

@@ -878,6 +878,36 @@ def test_a_few_requests_draft_while_their_yields_together_pay():
     assert not rule.covers(5) and rule.covers(1) and rule.covers(4)
 
 
+def test_a_request_joining_during_plain_steps_is_checked_with_the_batchs_caps():
+    """A batch that a new request joins during plain steps is checked at once, and the way a
+    drafting step is: a request with speculation off (cap 0) counts as the one token it yields
+    either way, not as its start yield, whichever way that moves the sum."""
+    from dflash_vllm.adaptive import FewRequests
+
+    def prior() -> float:
+        return 5.0
+
+    ratio = 3.0  # drafting pays from 3 tokens per request and cycle: 6 at two requests
+    for cap, drafts in ((7, True), (0, False)):
+        rule = FewRequests(alpha=0.5, hysteresis=1.0, wait=4)
+        rule.start_yield = 5.0
+        rule.yields = {"a": 2.0}
+        rule.left = 3  # plain steps of a wait
+        caps = np.array([7, cap])
+        assert rule.resume(["a", "new"], ratio, prior, caps) is drafts, (cap, "2 + 5 = 7 or 2 + 1 = 3, against 6")
+    # through the controller, the caps the proposer passes
+    ctl = AdaptiveController(max_drafts=7)
+    ctl.modes.warmup_drafts = 0
+    for _ in range(20):
+        ctl.modes.observe(2, True, 6.0, 12e-3)
+        ctl.modes.observe(2, False, 2.0, 4e-3)
+    assert ctl._few_ratio(["a", "b"]) == pytest.approx(3.0)
+    ctl.few.start_yield, ctl.few.yields, ctl.few.left = 5.0, {"a": 2.0}, 3
+    assert not ctl.wants_draft(2, ["a", "b"], caps=np.array([7, 0]))
+    ctl.few.left = 3
+    assert ctl.wants_draft(2, ["a", "c"], caps=None)
+
+
 def test_the_controller_runs_a_few_requests_by_their_own_yields_once_both_modes_are_measured():
     """At 1-4 requests, once drafting's and plain decoding's rates are measured at the batch's size,
     the controller asks ``FewRequests``: ``select`` declines when the yields drop (every request
