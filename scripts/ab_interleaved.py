@@ -32,7 +32,7 @@ retry of drafting starts when due even while the batch runs in lockstep, ``nofew
 ``nolone``) 1-4 requests' mode chosen by the pooled choice (not by ``FewRequests``), ``onlyone``
 ``FewRequests`` at 1 request only (as c2b892b's rule), ``lone08`` its one-request hysteresis at 0.8
 (before 0.7), ``trycut`` its tries of drafting cut by the cost model like any drafting step (before
-they sent every draft).
+they sent every draft), ``hystNN`` its hysteresis at 2-4 requests at NN/100 (1.0 ships).
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def ablate(proposer, ablations: list[str]) -> None:
             ctl.few = None
         elif name == "onlyone":  # the few-request rule at 1 request only (as c2b892b)
             ctl.few.max_reqs = 1
+        elif name.startswith("hyst") and name[4:].isdigit():  # hystNN: hysteresis NN/100 at 2-4 requests
+            ctl.few.hysteresis = int(name[4:]) / 100
         elif name == "lone08":
             ctl.few.lone_hysteresis = 0.8
         elif name == "trycut":
@@ -134,7 +136,7 @@ def main() -> None:
         if not name or mode not in MODES + EXTRA_MODES:
             raise SystemExit(f"engine {arg!r}: expected name=mode[:ablation+...], mode one of "
                              f"{', '.join(MODES + EXTRA_MODES)}")
-        if unknown := [a for a in ablations if a not in ABLATIONS]:
+        if unknown := [a for a in ablations if a not in ABLATIONS and not (a.startswith("hyst") and a[4:].isdigit())]:
             raise SystemExit(f"engine {arg!r}: unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
         if ablations and (served or mode != "plugin"):
             raise SystemExit(f"engine {arg!r}: ablations need mode 'plugin' with its engine core in this process "
