@@ -1141,11 +1141,11 @@ class AdaptiveController:
         sent, but it is part of the step: a step that sends nothing still paid it, so the
         throughput each length gives counts it."""
         caps = np.asarray(caps)
+        full, self._try_full = self._try_full, False  # a try's step, cut or not (its flag ends here)
         if conf is None or not self.wants_confidence(len(caps)):
             return caps  # a lone drafting request: every draft its cap allows (caps <= max_drafts)
         conf = np.asarray(conf, dtype=np.float64)
         self._cuts += 1
-        full, self._try_full = self._try_full, False
         if full or not self.step_cost.known() or (self.full_every and self._cuts % self.full_every == 0):
             return np.minimum(caps, conf.shape[1])
         return choose_draft_lengths(self.calibrator.estimate(conf), self.step_cost.cost, caps=caps,

@@ -984,6 +984,13 @@ def test_a_try_of_the_few_requests_rule_sends_every_draft_whatever_the_cut_says(
         ctl.few.observe(rid, 8.0)
     assert ctl.select(ids, caps, 8).all() and ctl.cut(conf, caps).tolist() == [0, 0]
 
+    # a try whose step drafts for one request (no cut to skip) spends the flag all the same
+    ctl.few.yields = {"a": 1.0, "b": 1.0}
+    ctl.few.left = 1
+    assert ctl.wants_draft(2, ids) and ctl._try_full
+    assert ctl.cut(None, np.array([5])).tolist() == [5]
+    assert ctl.cut(conf, caps).tolist() == [0, 0], "a later step is cut"
+
     ctl = controller(False)  # tries cut like any drafting step
     ctl.few.yields = {"a": 1.0, "b": 1.0}
     ctl.few.left = 1
