@@ -34,16 +34,10 @@ def main() -> int:
 
     from dflash_vllm.adaptive import AdaptiveController, FewRequests
     from dflash_vllm.bench.engine_job import _closed_loop
-    from dflash_vllm.bench.runner import BenchConfig, engine_spec
-    from dflash_vllm.demo import shipped_pair
-    from dflash_vllm.training.data import read_prompts
+    from dflash_vllm.bench.runner import engine_spec, shipped_config
 
-    pair = shipped_pair()
-    if pair is None:
-        sys.exit("dflash_vllm/demo_pair/ is missing: run scripts/build_demo_pair.py")
-    target, drafter = pair
-    prompts = read_prompts(target.parent / "eval_prompts.jsonl")
-    cfg = BenchConfig(target=str(target), drafter=str(drafter), prompts=prompts, concurrency=[args.concurrency])
+    cfg = shipped_config([args.concurrency])
+    prompts = cfg.prompts
     llm = LLM(**engine_spec(cfg, "plugin")["engine"])
 
     yields: list[tuple[str, float]] = []

@@ -288,3 +288,18 @@ def test_trace_file_sink_writes_per_process_lines_read_back_in_time_order(tmp_pa
     assert [e["reqs"] for e in trace.read_events(prefix)] == [2, 3, 1, 4]
     monkeypatch.delenv(trace.TRACE_ENV, raising=False)
     assert not trace.install_from_env()
+
+
+def test_shipped_config_is_the_demo_pair_and_its_eval_prompts(monkeypatch):
+    """The diagnostics' default configuration: the shipped pair and its 32 eval prompts; an install
+    without the pair gets an error that names the fix."""
+    from dflash_vllm.bench import runner
+    from dflash_vllm.demo import shipped_pair
+
+    target, drafter = shipped_pair()
+    cfg = runner.shipped_config([4])
+    assert (cfg.target, cfg.drafter, cfg.concurrency) == (str(target), str(drafter), [4])
+    assert len(cfg.prompts) == 32 and all(isinstance(p, str) and p for p in cfg.prompts)
+    monkeypatch.setattr("dflash_vllm.demo.shipped_pair", lambda: None)
+    with pytest.raises(FileNotFoundError, match="build_demo_pair"):
+        runner.shipped_config([1])

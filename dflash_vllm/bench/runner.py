@@ -104,6 +104,20 @@ class BenchConfig:
     extra_engine_args: dict = field(default_factory=dict)
 
 
+def shipped_config(concurrency: list[int]) -> BenchConfig:
+    """The bench's configuration on the shipped demo pair and its 32 eval prompts (the diagnostic
+    scripts' default). Raises FileNotFoundError naming the fix when this install has no pair."""
+    from dflash_vllm.demo import shipped_pair
+    from dflash_vllm.training.data import read_prompts
+
+    pair = shipped_pair()
+    if pair is None:
+        raise FileNotFoundError("dflash_vllm/demo_pair/ is missing: run scripts/build_demo_pair.py")
+    target, drafter = pair
+    return BenchConfig(target=str(target), drafter=str(drafter), concurrency=list(concurrency),
+                       prompts=read_prompts(target.parent / "eval_prompts.jsonl"))
+
+
 def machine_info() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
     try:
