@@ -947,6 +947,7 @@ class AdaptiveController:
         ratio = self._few_ratio(req_ids)
         self._few_answered = ratio is not None
         self._veto_left = 0
+        self._try_full = False  # a try's flag whose step never drafted (every cap 0) ends here too
         if ratio is not None:
             self._mode_checked = self.few.resume(req_ids, ratio, self.pooled_yield, caps)
             self._try_full = self._mode_checked and self.full_tries

@@ -990,6 +990,12 @@ def test_a_try_of_the_few_requests_rule_sends_every_draft_whatever_the_cut_says(
     assert ctl.wants_draft(2, ids) and ctl._try_full
     assert ctl.cut(None, np.array([5])).tolist() == [5]
     assert ctl.cut(conf, caps).tolist() == [0, 0], "a later step is cut"
+    # a try whose step never drafted (its requests' caps all 0): the next answer, another rule's, ends it
+    ctl.few.yields = {"a": 1.0, "b": 1.0}
+    ctl.few.left = 1
+    assert ctl.wants_draft(2, ids) and ctl._try_full
+    ctl.wants_draft(5, ids + ["c", "d", "e"])  # above 4 requests: the measured rates answer
+    assert ctl.cut(conf, caps).tolist() == [0, 0]
 
     ctl = controller(False)  # tries cut like any drafting step
     ctl.few.yields = {"a": 1.0, "b": 1.0}
