@@ -51,6 +51,11 @@ ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext", "nohi
              "onlyone", "lone08", "trycut")
 
 
+def _hyst(name: str) -> bool:
+    """``hystNN``: the few-requests rule's hysteresis at 2-4 requests at NN/100."""
+    return name.startswith("hyst") and name[4:].isdigit()
+
+
 def ablate(proposer, ablations: list[str]) -> None:
     if not ablations:
         return
@@ -89,7 +94,7 @@ def ablate(proposer, ablations: list[str]) -> None:
             ctl.few = None
         elif name == "onlyone":  # the few-request rule at 1 request only (as c2b892b)
             ctl.few.max_reqs = 1
-        elif name.startswith("hyst") and name[4:].isdigit():  # hystNN: hysteresis NN/100 at 2-4 requests
+        elif _hyst(name):
             ctl.few.hysteresis = int(name[4:]) / 100
         elif name == "lone08":
             ctl.few.lone_hysteresis = 0.8
@@ -136,7 +141,7 @@ def main() -> None:
         if not name or mode not in MODES + EXTRA_MODES:
             raise SystemExit(f"engine {arg!r}: expected name=mode[:ablation+...], mode one of "
                              f"{', '.join(MODES + EXTRA_MODES)}")
-        if unknown := [a for a in ablations if a not in ABLATIONS and not (a.startswith("hyst") and a[4:].isdigit())]:
+        if unknown := [a for a in ablations if a not in ABLATIONS and not _hyst(a)]:
             raise SystemExit(f"engine {arg!r}: unknown ablations {unknown}; known: {', '.join(ABLATIONS)}")
         if ablations and (served or mode != "plugin"):
             raise SystemExit(f"engine {arg!r}: ablations need mode 'plugin' with its engine core in this process "
