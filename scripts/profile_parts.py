@@ -108,6 +108,23 @@ def main() -> int:
     for name in ("_learn_from_last_step", "_flush_outcomes", "_request_caps", "_batch_req_ids",
                  "_block_forward", "_select", "_features", "_backfill", "stay_plain"):
         wrap(DFlashVllmProposer, name, "plugin." + name)
+    # the drafting step's parts, the plugin's and the built-in's alike
+    from vllm.model_executor.models.qwen3_dflash import DFlashQwen3ForCausalLM
+    from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+
+    import dflash_vllm.proposer as plugin_proposer
+    from dflash_vllm.models.vllm_drafter import DFlashVllmDrafter
+
+    for name in ("block_inputs", "context_slots"):
+        wrap(plugin_proposer, name, "plugin." + name)
+    for name in ("fuse_context", "write_context_kv", "compute_logits"):
+        wrap(DFlashVllmDrafter, name, "plugin.model." + name)
+    for name in ("set_inputs_first_pass", "build_model_inputs_first_pass"):
+        wrap(DFlashProposer, name, "builtin." + name)
+    for name in ("precompute_and_store_context_kv", "combine_hidden_states", "compute_logits"):
+        wrap(DFlashQwen3ForCausalLM, name, "builtin.model." + name)
+    for name in ("build_per_group_and_layer_attn_metadata", "_sample_draft_tokens"):
+        wrap(SpecDecodeBaseProposer, name, "base." + name)
     for name in ("begin_step", "close_cycle", "select", "cut", "end_step", "open_cycle", "observe_outcomes",
                  "plain_step", "wants_draft"):
         wrap(AdaptiveController, name, "controller." + name)

@@ -1,0 +1,64 @@
+"""The vLLM drafter's eager CPU path: ``fuse_context`` norms the fused context with vLLM's C++
+``rms_norm`` (the module's native path costs ~6x more per call) and gets what the module computes."""
+
+import pytest
+import torch
+from vllm.config import VllmConfig, set_current_vllm_config
+from vllm.model_executor.layers.layernorm import RMSNorm
+
+import dflash_vllm.models.vllm_drafter as drafter_mod
+from dflash_vllm.models.vllm_drafter import DFlashVllmDrafter
+
+
+class _Stub:
+    """The attributes ``fuse_context`` reads, with a plain linear for ``fc``."""
+
+    def __init__(self, n_in: int, hidden: int, dtype: torch.dtype):
+        g = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(hidden, n_in, generator=g).to(dtype) / n_in**0.5
+        with set_current_vllm_config(VllmConfig()):
+            self.hidden_norm = RMSNorm(hidden, eps=1e-6).to(dtype)
+        self.hidden_norm.weight.data = (1 + 0.2 * torch.randn(hidden, generator=g)).to(dtype)
+        self._fused_norm = True
+
+    def fc(self, x):
+        return torch.nn.functional.linear(x, self.weight), None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_context_norms_with_the_cpp_op_and_matches_the_module(monkeypatch, dtype):
+    calls = []
+    real = drafter_mod.ops.rms_norm
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(drafter_mod.ops, "rms_norm", spy)
+    stub = _Stub(3 * 64, 64, dtype)
+    features = torch.randn(13, 3 * 64).to(dtype)
+    with torch.inference_mode():
+        got = DFlashVllmDrafter.fuse_context(stub, features)
+        assert calls == [torch.Size([13, 64])], "the fused op should norm the context"
+        stub._fused_norm = False
+        want = DFlashVllmDrafter.fuse_context(stub, features)
+    assert len(calls) == 1, "with the op off, the module's path"
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    x = features.float() @ stub.weight.float().T
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * stub.hidden_norm.weight.float()
+    torch.testing.assert_close(got.float(), ref, rtol=tol, atol=tol)
+
+
+def test_fuse_context_falls_back_to_the_module_when_the_op_fails(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no kernel for this dtype")
+
+    monkeypatch.setattr(drafter_mod.ops, "rms_norm", broken)
+    stub = _Stub(2 * 32, 32, torch.float32)
+    features = torch.randn(5, 2 * 32)
+    with torch.inference_mode():
+        got = DFlashVllmDrafter.fuse_context(stub, features)
+        assert stub._fused_norm is False  # asked once, then the module's path for good
+        want = stub.hidden_norm(stub.fc(features)[0])
+    torch.testing.assert_close(got, want)
