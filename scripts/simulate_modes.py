@@ -92,16 +92,19 @@ class Few:
     """``FewRequests`` asked as the controller asks it: a check before each drafting cycle (after
     the outcome of the last), a resume check after each plain step; a resumed cycle is not checked."""
 
-    def __init__(self, rule: FewRequests, prior: float):
+    def __init__(self, rule: FewRequests, prior: float, try_alpha: float | None = None):
         self.rule, self.prior, self.state, self.extra_ms = rule, prior, "check", 0.0
+        self.try_alpha, self.trying = try_alpha, False  # a try's yield weighted try_alpha (None: alpha)
 
     def decide(self, batch, pos, maps, costs):
         n = len(batch)
         ratio = costs.draft_cycle(n, n, costs.k * n) / costs.plain_cycle(n)
+        self.trying = False
         if self.state == "plain":
             if not self.rule.resume(batch, ratio, lambda: self.prior):
                 return None
             self.extra_ms += costs.resume  # the drafter catches up on the plain steps' context
+            self.trying = True
         elif not self.rule.keep_drafting(batch, ratio, lambda: self.prior):
             self.state = "plain"
             return None
@@ -109,7 +112,14 @@ class Few:
         return {r: costs.k for r in batch}
 
     def observe(self, rid, tokens):
-        self.rule.observe(rid, tokens)
+        if not (self.trying and self.try_alpha is not None):
+            self.rule.observe(rid, tokens)
+            return
+        alpha, self.rule.alpha = self.rule.alpha, self.try_alpha
+        try:
+            self.rule.observe(rid, tokens)
+        finally:
+            self.rule.alpha = alpha
 
 
 def closed_loop(maps: list[list[int]], order: list[int], policy, costs: Costs, concurrency: int) -> float:
@@ -180,6 +190,8 @@ def main() -> None:
     ap.add_argument("--wait", type=int, default=defaults.wait)
     ap.add_argument("--grow", type=float, default=defaults.grow)
     ap.add_argument("--lone-hysteresis", type=float, default=defaults.lone_hysteresis)
+    ap.add_argument("--try-alpha", type=float, default=None,
+                    help="weight of a try's yield in the request's average (default: the rule's alpha)")
     ap.add_argument("--carry", type=int, default=0, metavar="REPS",
                     help="one rule for every loop, as one engine runs the bench: the loops in turn, "
                          "REPS times over (0: a fresh rule per loop)")
@@ -192,7 +204,7 @@ def main() -> None:
         for c in args.concurrency:
             def few(c=c) -> Few:
                 return Few(FewRequests(args.alpha, args.hysteresis, args.wait, args.grow, max_reqs=max(4, c),
-                                       lone_hysteresis=args.lone_hysteresis), args.prior)
+                                       lone_hysteresis=args.lone_hysteresis), args.prior, args.try_alpha)
 
             ms = {name_: loops(maps, units, make, costs, c, args.carry)
                   for name_, make in (("plain", Plain), ("draft", Draft), ("myopic", Myopic), ("few", few))}
