@@ -339,8 +339,9 @@ def _apply_plain_steps() -> None:
         drafter = getattr(self, "drafter", None)
         if spec_decode_metadata is None and getattr(drafter, "plain", False):
             num_tokens = scheduler_output.total_num_scheduled_tokens
+            # positions as a callable: a step of a plain streak that records nothing never reads them
             if drafter.stay_plain(self.input_batch.num_reqs, num_tokens, aux_hidden_states,
-                                  self._get_positions(num_tokens), common_attn_metadata):
+                                  lambda: self._get_positions(num_tokens), common_attn_metadata):
                 return []  # no drafts: the scheduler already cleared every request's last ones
         return propose(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                        sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,

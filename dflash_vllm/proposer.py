@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -423,11 +424,13 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         return out
 
     def stay_plain(self, num_reqs: int, num_tokens: int, aux_hidden_states: list[torch.Tensor] | None = None,
-                   positions: torch.Tensor | None = None, cad: CommonAttentionMetadata | None = None) -> bool:
+                   positions: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+                   cad: CommonAttentionMetadata | None = None) -> bool:
         """The runner ran a plain step (``plain`` was set): True to run the next one plain too,
         False to draft (the runner then calls ``propose`` for this step, which writes its context).
         A step that stays plain only records its tokens' features (``ContextBacklog``): their
-        context K/V is written when drafting resumes."""
+        context K/V is written when drafting resumes. ``positions``: the step's token positions,
+        or a callable that returns them (read only when the step is recorded)."""
         ctl = self.adaptive
         streak = self._streak
         if streak is not None:
@@ -488,6 +491,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         """A plain step's target features into the backlog (written as context when drafting resumes)."""
         if self._backlog is None or aux_hidden_states is None or positions is None or cad is None:
             return
+        if callable(positions):
+            positions = positions()
         if num_tokens == num_reqs:  # decoding: one token each (a shared array: the backlog never changes it)
             if len(self._ones) != num_reqs:
                 self._ones = np.ones(num_reqs, dtype=np.int64)

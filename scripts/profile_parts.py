@@ -72,6 +72,9 @@ def main() -> int:
     ap.add_argument("--threads", action="store_true",
                     help="also the CPU seconds each thread of this process ran in the timed loop (in one "
                          "process: VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+    ap.add_argument("--cprofile", metavar="FILE",
+                    help="also profile the timed loop with cProfile and dump its stats here (pstats; the "
+                         "profiler inflates Python-heavy parts: compare modes, not absolute times)")
     args = ap.parse_args()
     if (os.environ.get("DFLASH_VLLM_DISABLE") == "1") != (args.mode == "builtin"):
         sys.exit("set DFLASH_VLLM_DISABLE=1 for mode builtin, and only for it")
@@ -136,7 +139,8 @@ def main() -> int:
         _closed_loop(llm, warm_prompts, [warm] * len(warm_prompts), args.concurrency)
     SECONDS.clear()
     CALLS.clear()
-    work = prompts[: args.prompts_n]
+    # the eval set repeated up to --prompts-n (it holds 32 prompts: more requests than that need repeats)
+    work = (prompts * -(-args.prompts_n // len(prompts)))[: args.prompts_n]
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
     gc_times, gc_start = defaultdict(float), {}
 
@@ -148,10 +152,19 @@ def main() -> int:
             CALLS[f"gc.gen{info['generation']}"] += 1
 
     gc.callbacks.append(on_gc)
+    prof = None
+    if args.cprofile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     cpu0 = thread_cpu()
     t = time.perf_counter()
     outs = _closed_loop(llm, work, [params] * len(work), args.concurrency)
     wall = time.perf_counter() - t
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(args.cprofile)
     cpu = {k: v - cpu0.get(k, 0.0) for k, v in thread_cpu().items()}
     gc.callbacks.remove(on_gc)
     for gen, secs in gc_times.items():

@@ -185,7 +185,7 @@ def test_bench_sliced_runs_every_modes_loop_in_turns_on_one_engine_per_mode(tiny
 
 @pytest.mark.engine
 def test_engine_server_loop_in_slices_gives_the_same_tokens_as_in_one_go(tiny_pair, tmp_path):
-    from dflash_vllm.bench.engine_job import EngineServer
+    from dflash_vllm.bench.engine_job import EngineJobError, EngineServer
     from dflash_vllm.bench.runner import BenchConfig, engine_spec
 
     cfg = BenchConfig(target=str(tiny_pair.target), drafter=str(tiny_pair.drafter), prompts=["x"], compile=False,
@@ -201,6 +201,9 @@ def test_engine_server_loop_in_slices_gives_the_same_tokens_as_in_one_go(tiny_pa
         while server.run_slice(0.01):
             turns += 1
         sliced = server.close_loop()
+        assert server.open_loop(job)
+        with pytest.raises(EngineJobError, match="still open"):  # never a silent swap of loops
+            server.open_loop(job)
     finally:
         server.close()
     assert turns > 3 and sliced["slices"] == turns + 1

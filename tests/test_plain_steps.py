@@ -201,16 +201,20 @@ def _settled_on_plain(num_reqs: int, streaks: bool, capacity: int = 0) -> DFlash
     return p
 
 
-def _plain_run(p: DFlashVllmProposer, num_reqs: int, steps: int, until_draft: bool = False) -> list[bool]:
+def _plain_run(p: DFlashVllmProposer, num_reqs: int, steps: int, until_draft: bool = False,
+               positions_read: list | None = None) -> list[bool]:
     """``steps`` decoding steps (one token per request, features = position); the answers, up to
-    the first that drafts with ``until_draft``."""
+    the first that drafts with ``until_draft``. With ``positions_read`` the positions go as a
+    callable (as the runner passes them), and each step whose positions were read is appended."""
     import torch
 
     out = []
     cad = SimpleNamespace(query_start_loc_cpu=torch.arange(num_reqs + 1))
     for t in range(steps):
         pos = torch.full((num_reqs,), t, dtype=torch.int64)
-        out.append(p.stay_plain(num_reqs, num_reqs, [pos[:, None].float()], pos, cad))
+        if positions_read is not None:
+            pos = lambda _p=pos, _t=t: positions_read.append(_t) or _p  # noqa: E731
+        out.append(p.stay_plain(num_reqs, num_reqs, [torch.full((num_reqs, 1), float(t))], pos, cad))
         if until_draft and not out[-1]:
             break
         p.plain = True  # (a drafting answer: the engine would run propose; here plain again)
@@ -253,6 +257,21 @@ def test_a_streak_keeps_only_the_features_still_in_the_ring_when_it_ends():
         kept[streaks] = (first_draft, pos.tolist(), rows.tolist(), feats[:, 0].tolist())
     assert kept[True] == kept[False]
     assert len(kept[True][1]) == 64
+
+
+def test_a_streak_reads_the_positions_only_of_the_steps_it_records():
+    """The runner hands positions as a callable: a streak step that records nothing never reads
+    them, and the backlog holds what it holds with positions handed as tensors."""
+    import torch
+
+    p = _settled_on_plain(16, True, capacity=64)
+    read: list[int] = []
+    answers = _plain_run(p, 16, 400, until_draft=True, positions_read=read)
+    first_draft = answers.index(False)
+    feats, pos, _ = p._backlog.take({f"r{i}": i for i in range(16)})
+    assert sorted(set(pos.tolist())) == sorted(set(read[-4:])) == list(range(first_draft - 4, first_draft))
+    assert torch.equal(feats[:, 0], pos.float())
+    assert 4 <= len(read) < first_draft / 4, (len(read), first_draft)
 
 
 def test_a_few_requests_streak_ends_when_a_request_joins():

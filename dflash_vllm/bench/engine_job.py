@@ -232,6 +232,8 @@ def _serve(spec: dict[str, Any]) -> None:
         if op == "run":
             _write_json(Path(cmd["out"]), _run_job(llm, cmd["job"]))
         elif op == "open":
+            if loop is not None:  # a second open would drop the first loop's requests and figures
+                raise RuntimeError(f"open: the loop of job {loop[0].get('name')!r} is still open; close it first")
             if _core_pids(llm):
                 # a core in its own process steps on its own while it has requests, read or not: the
                 # loop would go on decoding during the other engines' turns
