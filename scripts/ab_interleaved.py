@@ -12,7 +12,9 @@ few percent where one ``dflash-vllm bench`` run cannot. Name a mode twice for th
 A unit ends with its slowest request. Plain decoding advances every request one token a step,
 so a wave of equal-length requests ends together; speculation advances them unevenly, and the
 last requests of a unit (those the drafter predicts worst) run at a small batch. The bench's
-repetitions end the same way. ``--waves 1`` makes that tail as large as it gets.
+repetitions end the same way. ``--waves 1`` makes that tail as large as it gets. ``--spread S``
+gives the requests uneven lengths (``max_tokens`` x [1 - S, 1 + S]): they then end apart and
+join one by one, out of the lockstep in which adaptive mode holds its retries of drafting.
 
 In-process by default: output processing then runs in the engine's thread, as it does not in a
 served engine. ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` puts each engine core in its own processes,
@@ -120,6 +122,11 @@ def main() -> None:
                     help="prompts per unit, in concurrencies (default 1 at concurrency 1, 4 up to 16, else 2)")
     ap.add_argument("--units", type=int, default=None,
                     help="units per round (default: one per prompt at concurrency 1, else 4)")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="requests of uneven lengths: each prompt's max_tokens drawn uniformly from "
+                         "max_tokens x [1 - S, 1 + S] (seeded, the same in every engine), so a closed loop's "
+                         "requests end apart and join one by one, as served traffic does (default 0: all "
+                         "max_tokens, the bench's lockstep)")
     args = ap.parse_args()
 
     from dflash_vllm import patches
@@ -174,7 +181,13 @@ def main() -> None:
     n = args.units or (len(prompts) if c == 1 else 4)
     units = [[prompts[(u * c * w + j) % len(prompts)] for j in range(c * w)] for u in range(n)]
     warm = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, seed=0)
-    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True, seed=0)
+    if not 0.0 <= args.spread < 1.0:
+        raise SystemExit(f"--spread {args.spread}: expected 0 <= S < 1")
+    rng = np.random.default_rng(0)
+    lengths = [[max(1, round(args.max_tokens * (1 + args.spread * (2 * rng.random() - 1)))) for _ in unit]
+               for unit in units]
+    sampling = [[SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, seed=0) for m in unit_lengths]
+                for unit_lengths in lengths]
     for llm, _ in engines.values():
         for p in prompts[-4:]:
             llm.generate([p], warm, use_tqdm=False)
@@ -188,12 +201,14 @@ def main() -> None:
             j = (i + r) % len(names)
             for m in names[j:] + names[:j]:
                 t = time.perf_counter()
-                out = engines[m][0].generate(unit, sampling, use_tqdm=False)
+                out = engines[m][0].generate(unit, sampling[i], use_tqdm=False)
                 secs[m][i] += time.perf_counter() - t
                 outs[m][i] = [list(o.outputs[0].token_ids) for o in out]
     base, half = names[0], n // 2
-    tokens = args.rounds * n * c * w * args.max_tokens
-    print(f"concurrency {c}, {n} units of {c * w} prompt(s) x {args.max_tokens} tokens, {args.rounds} rounds")
+    tokens = args.rounds * sum(map(sum, lengths))
+    print(f"concurrency {c}, {n} units of {c * w} prompt(s) x {args.max_tokens} tokens"
+          + (f" (spread +-{args.spread:.0%}: {min(map(min, lengths))}-{max(map(max, lengths))})" if args.spread else "")
+          + f", {args.rounds} rounds")
     for m in names:
         speed = sum(secs[base]) / sum(secs[m])
         halves = (f"units 1-{half} {sum(secs[base][:half]) / sum(secs[m][:half]):.3f}x, {half + 1}-{n} "
