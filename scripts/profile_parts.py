@@ -126,6 +126,11 @@ def main() -> int:
         wrap(DFlashProposer, name, "builtin." + name)
     for name in ("precompute_and_store_context_kv", "combine_hidden_states", "compute_logits"):
         wrap(DFlashQwen3ForCausalLM, name, "builtin.model." + name)
+    # the block pass itself (the compiled module's call, outside what dynamo traces)
+    from vllm.model_executor.models.qwen3_dflash import DFlashQwen3Model
+
+    wrap(DFlashQwen3Model, "__call__", "builtin.model.block_pass")
+    wrap(DFlashVllmDrafter, "__call__", "plugin.model.block_pass")
     for name in ("build_per_group_and_layer_attn_metadata", "_sample_draft_tokens"):
         wrap(SpecDecodeBaseProposer, name, "base." + name)
     for name in ("begin_step", "close_cycle", "select", "cut", "end_step", "open_cycle", "observe_outcomes",
