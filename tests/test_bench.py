@@ -61,16 +61,28 @@ def test_run_plan_sliced_opens_every_modes_loop_per_job():
 
 
 class _FakeEngine:
-    """Decodes one token per request per step; a request is done after ``tokens`` steps."""
+    """Decodes one token per request per step; a request is done after ``tokens`` steps (``lengths``:
+    per request, by prompt). Keeps vLLM's per-request stats of the requests in flight
+    (``output_processor.request_states``; ``stats=False``: as an engine that logs none)."""
 
-    def __init__(self, tokens: int, drop: str | None = None):
-        self.tokens, self.drop = tokens, drop
+    def __init__(self, tokens: int, drop: str | None = None, lengths: dict[str, int] | None = None,
+                 stats: bool = True):
+        from types import SimpleNamespace
+
+        self.tokens, self.drop, self.lengths, self.stats = tokens, drop, lengths or {}, stats
         self.running: dict[str, int] = {}
+        self.length: dict[str, int] = {}
         self.max_in_flight = 0
         self.steps = 0
+        self.output_processor = SimpleNamespace(request_states={})
 
     def add_request(self, rid, prompt, params):
+        from types import SimpleNamespace
+
         self.running[rid] = 0
+        self.length[rid] = self.lengths.get(prompt, self.tokens)
+        stats = SimpleNamespace(num_generation_tokens=0) if self.stats else None
+        self.output_processor.request_states[rid] = SimpleNamespace(stats=stats)
         self.max_in_flight = max(self.max_in_flight, len(self.running))
 
     def has_unfinished_requests(self):
@@ -83,11 +95,15 @@ class _FakeEngine:
         outs = []
         for rid in list(self.running):
             self.running[rid] += 1
+            if self.stats:
+                self.output_processor.request_states[rid].stats.num_generation_tokens += 1
             if rid == self.drop:  # lost by the engine: never reported finished
                 del self.running[rid]
-            elif self.running[rid] == self.tokens:
+            elif self.running[rid] == self.length[rid]:
                 del self.running[rid]
-                outs.append(SimpleNamespace(request_id=rid, finished=True, prompt=rid))
+                del self.output_processor.request_states[rid]
+                outs.append(SimpleNamespace(request_id=rid, finished=True, prompt=rid,
+                                            outputs=[SimpleNamespace(token_ids=[0] * self.length[rid])]))
         return outs
 
 
@@ -115,6 +131,50 @@ def test_closed_loop_in_slices_keeps_c_in_flight_and_resumes_where_it_stopped():
     lost = ClosedLoop(SimpleNamespace(llm_engine=_FakeEngine(tokens=2, drop="bench-1")), ["a", "b"], [None] * 2, 2)
     with pytest.raises(RuntimeError, match="1 prompts never finished"):
         lost.run()
+
+
+def test_closed_loop_times_its_full_load_apart_from_its_tail():
+    """Full load ends at the first finished request no prompt replaces; its tokens count the requests
+    in flight too. Requests of equal length end together: no tail, full load is the whole loop."""
+    from types import SimpleNamespace
+
+    from dflash_vllm.bench.engine_job import ClosedLoop
+
+    # 2 slots, prompts of 2, 6, 3 and 5 tokens: p0 ends at step 2 (p2 replaces it), p2 at step 5 (p3
+    # replaces it), p1 at step 6 with nothing left: full load is steps 1-6, 2 + 6 + 3 + 1 (p3's first)
+    # tokens; p3 then runs alone for 4 steps of tail
+    engine = _FakeEngine(tokens=0, lengths={"p0": 2, "p1": 6, "p2": 3, "p3": 5})
+    loop = ClosedLoop(SimpleNamespace(llm_engine=engine), ["p0", "p1", "p2", "p3"], [None] * 4, 2)
+    steps_at_full = None
+    while loop.run(0.0):
+        if loop.full_s is not None and steps_at_full is None:
+            steps_at_full = engine.steps
+    assert steps_at_full == 6 and engine.steps == 10
+    assert loop.full_tokens == 12 and 0 < loop.full_s <= loop.wall_s
+    assert sum(len(o.outputs[0].token_ids) for o in loop.outputs()) == 16
+
+    even = ClosedLoop(SimpleNamespace(llm_engine=_FakeEngine(tokens=3)), ["a", "b", "c", "d"], [None] * 4, 2)
+    while even.run(0.0):
+        assert even.full_s is None  # no tail: full load lasts to the loop's last step
+    assert even.full_tokens == 12 and 0 < even.full_s <= even.wall_s
+
+    stats_off = _FakeEngine(tokens=0, lengths={"a": 1, "b": 3}, stats=False)
+    blind = ClosedLoop(SimpleNamespace(llm_engine=stats_off), ["a", "b"], [None] * 2, 2)
+    blind.run()
+    assert blind.full_s is not None and blind.full_tokens is None
+
+
+def test_job_figures_rate_the_full_load_and_keep_older_results_readable():
+    from dflash_vllm.bench.stats import job_figures, pairwise_ratios, summarize_mode
+
+    spec = {"num_drafts": 0, "accepted_per_pos": [], "acceptance_length": None, "num_accepted_tokens": 0}
+    job = {"spec": spec, "num_output_tokens": 100, "wall_s": 2.0, "full_tokens": 60, "full_s": 1.0}
+    fig = job_figures(job, 4)
+    assert fig["tokens_per_s"] == 50.0 and fig["full_tokens_per_s"] == 60.0
+    old = job_figures({k: v for k, v in job.items() if not k.startswith("full")}, 4)
+    assert old["full_tokens_per_s"] is None
+    assert summarize_mode([fig, old])["full_tokens_per_s"] == 60.0
+    assert pairwise_ratios([60.0, None], [30.0, 50.0])["per_rep"] == [2.0]
 
 
 def test_acceptance_histogram_from_prefix_counts():

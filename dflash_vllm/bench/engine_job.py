@@ -117,11 +117,14 @@ def _job_result(llm, job: dict[str, Any], outputs: list, wall: float, before: di
 def _run_job(llm, job: dict[str, Any]) -> dict[str, Any]:
     params = _job_params(job)
     before = spec_counters(llm)
-    t = time.perf_counter()
     if job.get("concurrency"):
-        outputs = _closed_loop(llm, job["prompts"], params, int(job["concurrency"]))
-    else:
-        outputs = llm.generate(job["prompts"], params, use_tqdm=False)
+        loop = ClosedLoop(llm, job["prompts"], params, int(job["concurrency"]))
+        loop.run()
+        res = _loop_result(llm, job, loop, before)
+        res.pop("slices")
+        return res
+    t = time.perf_counter()
+    outputs = llm.generate(job["prompts"], params, use_tqdm=False)
     return _job_result(llm, job, outputs, time.perf_counter() - t, before)
 
 
@@ -139,7 +142,17 @@ class ClosedLoop:
     still in flight, while another engine runs. ``wall_s`` sums the slices, so the loop's rate is
     what it would be run in one go, but measured in the same seconds as the other engines' loops.
     ``llm`` is a ``vllm.LLM`` (anything whose ``llm_engine`` has ``add_request``/``step``/
-    ``has_unfinished_requests``)."""
+    ``has_unfinished_requests``).
+
+    ``full_s`` and ``full_tokens``: the loop at full load, from its start to the first finished
+    request that no prompt is left to replace (until then all ``concurrency`` slots were busy), and
+    the output tokens produced by then (finished requests' and those in flight, read from the
+    engine's per-request stats; None where the engine keeps none). The rest of the loop is its
+    tail, fewer requests than ``concurrency``: a finite job's artefact, which a server under steady
+    load never runs. Plain decoding of equal-length requests ends them together (no tail); a
+    speculative mode ends them unevenly, and on CPU at 4 requests the tail of a 16-request loop
+    (the last requests running alone, 1-3 at a time) took 20-35% of the loop's time on the harder
+    prompts (``DFLASH_VLLM_TRACE`` of the bench's adaptive engine)."""
 
     def __init__(self, llm, prompts: list[str], params: list, concurrency: int, tag: str = "bench"):
         if len(params) != len(prompts):
@@ -150,6 +163,8 @@ class ClosedLoop:
         self._submitted = 0
         self.wall_s = 0.0
         self.slices = 0
+        self.full_s: float | None = None
+        self.full_tokens: int | None = None
         while self._submitted < min(concurrency, len(prompts)):
             self._submit()
 
@@ -167,11 +182,17 @@ class ClosedLoop:
         True while prompts remain."""
         t0 = time.perf_counter()
         while self.live and self._engine.has_unfinished_requests():
+            tail = False
             for out in self._engine.step():
                 if out.finished:
                     self._done[int(out.request_id.rsplit("-", 1)[1])] = out
                     if self._submitted < len(self._prompts):
                         self._submit()
+                    else:
+                        tail = True
+            if tail and self.full_s is None:
+                self.full_s = self.wall_s + time.perf_counter() - t0
+                self.full_tokens = self._tokens_so_far()
             if time.perf_counter() - t0 >= seconds:
                 break
         self.wall_s += time.perf_counter() - t0
@@ -180,6 +201,20 @@ class ClosedLoop:
             raise RuntimeError(f"closed loop {self._tag!r}: the engine has no requests left, yet "
                                f"{len(self._prompts) - len(self._done)} prompts never finished")
         return self.live
+
+    def _tokens_so_far(self) -> int | None:
+        """Output tokens of the finished requests plus those of the requests in flight (vLLM's
+        per-request stats, kept when the engine logs stats); None without them."""
+        done = sum(len(o.outputs[0].token_ids) for o in self._done.values())
+        states = getattr(getattr(self._engine, "output_processor", None), "request_states", None)
+        if states is None:
+            return None
+        running = 0
+        for state in states.values():
+            if state.stats is None:
+                return None
+            running += state.stats.num_generation_tokens
+        return done + running
 
     def outputs(self) -> list:
         if self.live:
@@ -192,6 +227,12 @@ def _closed_loop(llm, prompts: list[str], params: list, concurrency: int) -> lis
     loop = ClosedLoop(llm, prompts, params, concurrency)
     loop.run()
     return loop.outputs()
+
+
+def _loop_result(llm, job: dict[str, Any], loop: ClosedLoop, before: dict[str, Any]) -> dict[str, Any]:
+    res = _job_result(llm, job, loop.outputs(), loop.wall_s, before)
+    res.update(slices=loop.slices, full_s=loop.full_s, full_tokens=loop.full_tokens)
+    return res
 
 
 def run_engine_jobs(spec: dict[str, Any], *, timeout_s: float = 1800, log_path: str | Path | None = None) -> dict:
@@ -250,8 +291,7 @@ def _serve(spec: dict[str, Any]) -> None:
         elif op == "close":
             assert loop is not None, "close before open"
             job, cl, before = loop
-            res = _job_result(llm, job, cl.outputs(), cl.wall_s, before)
-            res["slices"] = cl.slices
+            res = _loop_result(llm, job, cl, before)
             loop = None
             _write_json(Path(cmd["out"]), res)
         else:

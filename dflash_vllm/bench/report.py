@@ -18,16 +18,18 @@ def table_rows(results: dict) -> list[list[str]]:
             row.append("-" if m is None else f"{m['tokens_per_s']:.1f}")
             if mode != "baseline":
                 row.append("-" if m is None or m["tau"] is None else f"{m['tau']:.2f}")
-        for key in RATIO_COLUMNS:
-            r = results["ratios"].get(key, {}).get(c)
+        for table, key in RATIO_COLUMNS:
+            r = results.get(table, {}).get(key, {}).get(c)
             row.append("-" if not r or r["median"] is None else f"{r['median']:.2f}x")
         rows.append(row)
     return rows
 
 
-RATIO_COLUMNS = ("plugin/baseline", "plugin/builtin", "plugin/plugin-fixed")
+RATIO_COLUMNS = (("ratios", "plugin/baseline"), ("ratios", "plugin/builtin"), ("ratios", "plugin/plugin-fixed"),
+                 ("full_load_ratios", "plugin/baseline"), ("full_load_ratios", "plugin/builtin"))
 HEADER = ["conc.", "baseline tok/s", "builtin tok/s", "builtin tau", "fixed tok/s", "fixed tau",
-          "adaptive tok/s", "adaptive tau", "adaptive/baseline", "adaptive/builtin", "adaptive/fixed"]
+          "adaptive tok/s", "adaptive tau", "adaptive/baseline", "adaptive/builtin", "adaptive/fixed",
+          "full load: adaptive/baseline", "full load: adaptive/builtin"]
 
 
 def print_table(results: dict) -> None:

@@ -281,8 +281,9 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
     engines = resolve_engines(cfg.engines)
     results: dict = {"machine": machine_info(),
                      "config": {**asdict(cfg), "prompts": len(cfg.prompts), "engines": engines},
-                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "modes": {}, "ratios": {}, "errors": {},
-                     "order": []}  # (run, mode) in the order they ran
+                     "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "modes": {}, "ratios": {},
+                     "full_load_ratios": {},  # the same, on each loop at full load (its tail left out)
+                     "errors": {}, "order": []}  # (run, mode) in the order they ran
     log_root = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="dflash-bench-"))
     log_root.mkdir(parents=True, exist_ok=True)
     specs: dict[str, dict] = {}
@@ -350,11 +351,12 @@ def run_bench(cfg: BenchConfig, log_dir: str | Path | None = None, progress=None
             "by_concurrency": {
                 str(c): summarize_mode([job_figures(jobs[mode][f"c{c}_r{r}"], c) for r in range(cfg.reps)])
                 for c in cfg.concurrency}}
-    for num, den in RATIOS:
-        if num in results["modes"] and den in results["modes"]:
-            results["ratios"][f"{num}/{den}"] = {
-                str(c): pairwise_ratios(
-                    [r["tokens_per_s"] for r in results["modes"][num]["by_concurrency"][str(c)]["reps"]],
-                    [r["tokens_per_s"] for r in results["modes"][den]["by_concurrency"][str(c)]["reps"]])
-                for c in cfg.concurrency}
+    for key, figure in (("ratios", "tokens_per_s"), ("full_load_ratios", "full_tokens_per_s")):
+        for num, den in RATIOS:
+            if num in results["modes"] and den in results["modes"]:
+                results[key][f"{num}/{den}"] = {
+                    str(c): pairwise_ratios(
+                        [r.get(figure) for r in results["modes"][num]["by_concurrency"][str(c)]["reps"]],
+                        [r.get(figure) for r in results["modes"][den]["by_concurrency"][str(c)]["reps"]])
+                    for c in cfg.concurrency}
     return results

@@ -19,7 +19,7 @@ def acceptance_histogram(num_drafts: int, accepted_per_pos: list[int]) -> list[i
 def pairwise_ratios(numerator: list[float], denominator: list[float]) -> dict:
     """Ratio per repetition pair (rep i of one mode over rep i of the other), then their median:
     drift on a noisy machine hits both members of a pair and cancels."""
-    pairs = [a / b for a, b in zip(numerator, denominator, strict=True) if b]
+    pairs = [a / b for a, b in zip(numerator, denominator, strict=True) if a is not None and b]
     return {"per_rep": pairs, "median": statistics.median(pairs) if pairs else None,
             "min": min(pairs) if pairs else None, "max": max(pairs) if pairs else None}
 
@@ -29,8 +29,11 @@ def job_figures(job: dict, concurrency: int) -> dict:
     tokens, wall = job["num_output_tokens"], job["wall_s"]
     drafts = spec["num_drafts"]
     per_pos = [a / drafts for a in spec["accepted_per_pos"]] if drafts else []
+    full_tokens, full_s = job.get("full_tokens"), job.get("full_s")
     return {
         "tokens_per_s": tokens / wall if wall else None,
+        # the loop at full load, its tail left out (``ClosedLoop.full_s``); None for older results
+        "full_tokens_per_s": full_tokens / full_s if full_tokens and full_s else None,
         # time per output token of one request: wall time over the tokens each request produced
         "tpot_ms": 1000 * wall / (tokens / concurrency) if tokens else None,
         "tau": spec["acceptance_length"],
@@ -48,7 +51,7 @@ def job_figures(job: dict, concurrency: int) -> dict:
 def summarize_mode(reps: list[dict]) -> dict:
     """Median over repetitions of one mode at one concurrency."""
     def med(key):
-        vals = [r[key] for r in reps if r[key] is not None]
+        vals = [r[key] for r in reps if r.get(key) is not None]
         return statistics.median(vals) if vals else None
 
     drafts = sum(r["num_drafts"] for r in reps)
@@ -57,7 +60,8 @@ def summarize_mode(reps: list[dict]) -> dict:
     per_rep = [r.get("accepted_per_pos") or [round(x * r["num_drafts"]) for x in r["per_position_acceptance"]]
                for r in reps]
     pooled = [sum(col) for col in zip(*per_rep, strict=True)] if per_rep and per_rep[0] else []
-    return {"tokens_per_s": med("tokens_per_s"), "tpot_ms": med("tpot_ms"),
+    return {"tokens_per_s": med("tokens_per_s"), "full_tokens_per_s": med("full_tokens_per_s"),
+            "tpot_ms": med("tpot_ms"),
             "tau": 1 + accepted / drafts if drafts else None,
             "per_position_acceptance": [a / drafts for a in pooled] if drafts else [],
             "acceptance_histogram": acceptance_histogram(drafts, pooled) if drafts else [],
