@@ -658,14 +658,20 @@ class FewRequests:
     batch's, not each request's. On acceptance maps (``scripts/acceptance_map.py``: the drafts
     accepted at every position) of 64 tuning texts and the 32 eval prompts, in closed loops of 16
     requests at 4 at a time priced with those costs (``scripts/simulate_modes.py``), drafting every
-    step ran 0.92x/0.91x plain decoding, this rule 1.05x/1.11x (1.03x/1.10x without the reset of
+    step ran 0.92x/0.91x plain decoding, this rule (hysteresis 1.0 then) 1.05x/1.11x (1.03x/1.10x without the reset of
     waits on a new request); at one request 1.49x/1.59x (drafting every step 1.41x/1.43x). Each
     check is a few float operations.
     """
 
-    def __init__(self, alpha: float = 0.3, hysteresis: float = 1.0, wait: int = 4, grow: float = 1.5,
+    def __init__(self, alpha: float = 0.3, hysteresis: float = 0.7, wait: int = 4, grow: float = 1.5,
                  max_wait: int = 64, max_reqs: int = 4, start_alpha: float = 0.1, lone_hysteresis: float = 0.7):
         self.alpha = alpha
+        # Two to four requests: 0.7 (first 1.0, tuned on simulated closed loops of 16 requests at 4,
+        # whose tail, the last requests running one to three at a time, weighs on every speculative
+        # mode). Timed at full load (the bench's ``full_load_ratios``: each loop up to its first
+        # finished request no prompt replaced), at 4 requests on CPU, 1.0 ran 0.91x vLLM's built-in
+        # DFlash, which drafts every step (0.81x-0.96x on the harder prompts), 0.7 0.98x and 0.5
+        # 0.98x; over whole loops all three ran 0.99x-1.01x the built-in (12 repetitions each).
         self.hysteresis = hysteresis
         # One request: 0.7. First 0.8, tuned on the maps at one request with the AMD machine's costs
         # (in one process at one request, 1.025x the fixed-length plugin against 1.005x with 1.0, the

@@ -34,7 +34,7 @@ retry of drafting starts when due even while the batch runs in lockstep, ``nofew
 ``nolone``) 1-4 requests' mode chosen by the pooled choice (not by ``FewRequests``), ``onlyone``
 ``FewRequests`` at 1 request only (as c2b892b's rule), ``lone08`` its one-request hysteresis at 0.8
 (before 0.7), ``trycut`` its tries of drafting cut by the cost model like any drafting step (before
-they sent every draft), ``hystNN`` its hysteresis at 2-4 requests at NN/100 (1.0 ships).
+they sent every draft), ``hystNN`` its hysteresis at 2-4 requests at NN/100 (0.7 ships; 1.0 before).
 """
 
 from __future__ import annotations

@@ -922,7 +922,7 @@ def test_the_controller_runs_a_few_requests_by_their_own_yields_once_both_modes_
         ctl.modes.observe(1, False, 1.0, 4e-3)
     assert ctl._few_ratio(["a"]) == pytest.approx(2.0)
     assert ctl._few_ratio(["a", "b"]) is None, "not measured at two requests yet"
-    assert ctl.few.lone_hysteresis == 0.7 and ctl.few.hysteresis == 1.0
+    assert ctl.few.lone_hysteresis == 0.7 and ctl.few.hysteresis == 0.7
 
     decided = []
     for _ in range(12):
@@ -943,10 +943,11 @@ def test_the_controller_runs_a_few_requests_by_their_own_yields_once_both_modes_
     assert ctl._few_ratio(ids) == pytest.approx(3.0)
     assert ctl._few_ratio(ids + ["t"]) is None, "above 4 requests: the pooled choice"
     ctl.few.start_yield = 3.0
-    assert ctl.select(ids, caps, 8).all(), "new text at its start yield: 12 >= 1.0 x 3 x 4"
+    assert ctl.select(ids, caps, 8).all(), "new text at its start yield: 12 >= 0.7 x 3 x 4"
     for rid in ids:
         ctl.few.observe(rid, 1.0)
         ctl.few.observe(rid, 1.0)
+    assert sum(ctl.few.yields[r] for r in ids) < 0.7 * 3 * 4
     assert not ctl.select(ids, caps, 8).any() and ctl.declined
 
 
