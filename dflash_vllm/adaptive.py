@@ -670,8 +670,9 @@ class FewRequests:
         # whose tail, the last requests running one to three at a time, weighs on every speculative
         # mode). Timed at full load (the bench's ``full_load_ratios``: each loop up to its first
         # finished request no prompt replaced), at 4 requests on CPU, 1.0 ran 0.91x vLLM's built-in
-        # DFlash, which drafts every step (0.81x-0.96x on the harder prompts), 0.7 0.98x and 0.5
-        # 0.98x; over whole loops all three ran 0.99x-1.01x the built-in (12 repetitions each).
+        # DFlash, which drafts every step (0.81x-0.96x on the harder prompts), 0.7 0.98x and 0.94x
+        # in two runs, 0.5 0.98x in one; over whole loops all ran 0.99x-1.03x the built-in (12
+        # repetitions each).
         self.hysteresis = hysteresis
         # One request: 0.7. First 0.8, tuned on the maps at one request with the AMD machine's costs
         # (in one process at one request, 1.025x the fixed-length plugin against 1.005x with 1.0, the

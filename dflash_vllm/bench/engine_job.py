@@ -120,9 +120,7 @@ def _run_job(llm, job: dict[str, Any]) -> dict[str, Any]:
     if job.get("concurrency"):
         loop = ClosedLoop(llm, job["prompts"], params, int(job["concurrency"]))
         loop.run()
-        res = _loop_result(llm, job, loop, before)
-        res.pop("slices")
-        return res
+        return _loop_result(llm, job, loop, before)
     t = time.perf_counter()
     outputs = llm.generate(job["prompts"], params, use_tqdm=False)
     return _job_result(llm, job, outputs, time.perf_counter() - t, before)
@@ -230,9 +228,9 @@ def _closed_loop(llm, prompts: list[str], params: list, concurrency: int) -> lis
 
 
 def _loop_result(llm, job: dict[str, Any], loop: ClosedLoop, before: dict[str, Any]) -> dict[str, Any]:
-    res = _job_result(llm, job, loop.outputs(), loop.wall_s, before)
-    res.update(slices=loop.slices, full_s=loop.full_s, full_tokens=loop.full_tokens)
-    return res
+    """A finished closed loop's result: the job's, and the loop at full load (``ClosedLoop.full_s``)."""
+    return {**_job_result(llm, job, loop.outputs(), loop.wall_s, before),
+            "full_s": loop.full_s, "full_tokens": loop.full_tokens}
 
 
 def run_engine_jobs(spec: dict[str, Any], *, timeout_s: float = 1800, log_path: str | Path | None = None) -> dict:
@@ -291,7 +289,7 @@ def _serve(spec: dict[str, Any]) -> None:
         elif op == "close":
             assert loop is not None, "close before open"
             job, cl, before = loop
-            res = _loop_result(llm, job, cl, before)
+            res = {**_loop_result(llm, job, cl, before), "slices": cl.slices}
             loop = None
             _write_json(Path(cmd["out"]), res)
         else:
