@@ -35,14 +35,22 @@ retry of drafting starts when due even while the batch runs in lockstep, ``nofew
 ``FewRequests`` at 1 request only (as c2b892b's rule), ``lone08`` its one-request hysteresis at 0.8
 (before 0.7), ``trycut`` its tries of drafting cut by the cost model like any drafting step (before
 they sent every draft), ``hystNN`` its hysteresis at 2-4 requests at NN/100 (0.7 ships; 1.0 before).
+
+``--parts`` (in one process) also times each engine's parts per engine step, through the same
+interleaved work: the runner's phases (the target's forward pass among them), the scheduler, and
+the plugin's ``propose`` and ``stay_plain``. Engines then compare part by part under the same
+drift, which whole-run times of one engine after another cannot.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in this process
@@ -108,6 +116,84 @@ def ablate(proposer, ablations: list[str]) -> None:
             raise SystemExit(f"unknown ablation {name!r}: {', '.join(ABLATIONS)}")
 
 
+RUNNER_PARTS = ("execute_model", "_model_forward", "_prepare_inputs", "_preprocess", "_update_states",
+                "_build_attention_metadata", "_bookkeeping_sync", "_sample", "sample_tokens",
+                "propose_draft_token_ids")
+
+
+class PartTimes:
+    """Seconds and calls per (engine, part): methods wrapped on their classes, each instance
+    numbered in the order it was built (one runner, scheduler and proposer per engine, built in
+    the order the engines are)."""
+
+    def __init__(self):
+        self.order: dict[str, list[int]] = defaultdict(list)
+        self.seconds: dict[tuple[int, str], float] = defaultdict(float)
+        self.calls: dict[tuple[int, str], int] = defaultdict(int)
+
+    def track(self, cls, kind: str) -> None:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(obj, *args, **kwargs):
+            self.order[kind].append(id(obj))
+            return init(obj, *args, **kwargs)
+
+        cls.__init__ = __init__
+
+    def _index(self, kind: str, obj) -> int:
+        ids = self.order[kind]
+        return ids.index(id(obj)) if id(obj) in ids else -1
+
+    def wrap(self, cls, name: str, label: str, index: Callable) -> None:
+        fn = getattr(cls, name)
+
+        @functools.wraps(fn)  # keeps the plugin's patch markers (``_dflash_vllm``)
+        def timed(obj, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(obj, *args, **kwargs)
+            finally:
+                key = (index(obj), label)
+                self.seconds[key] += time.perf_counter() - t
+                self.calls[key] += 1
+
+        setattr(cls, name, timed)
+
+    def install(self) -> None:
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.engine.core import EngineCore
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        from dflash_vllm.proposer import DFlashVllmProposer
+
+        for cls, kind in ((GPUModelRunner, "runner"), (Scheduler, "sched"), (EngineCore, "core")):
+            self.track(cls, kind)
+        runner, sched = functools.partial(self._index, "runner"), functools.partial(self._index, "sched")
+        for name in RUNNER_PARTS:
+            self.wrap(GPUModelRunner, name, "runner." + name, runner)
+        self.wrap(Scheduler, "schedule", "sched.schedule", sched)
+        self.wrap(Scheduler, "update_from_output", "sched.update_from_output", sched)
+        self.wrap(EngineCore, "step", "core.step", functools.partial(self._index, "core"))
+        for name in ("propose", "stay_plain"):  # a proposer counts for its runner's engine
+            self.wrap(DFlashVllmProposer, name, "plugin." + name, lambda obj: runner(obj._runner))
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    def report(self, names: list[str]) -> str:
+        steps = [self.calls[(i, "sched.schedule")] for i in range(len(names))]
+        labels = sorted({label for _, label in self.seconds})
+        lines = [f"ms per engine step ({', '.join(f'{n} {s} steps' for n, s in zip(names, steps, strict=True))}):",
+                 f"{'part':<36}" + "".join(f"{n:>12}" for n in names)]
+        for label in labels:
+            lines.append(f"{label:<36}" + "".join(
+                f"{1e3 * self.seconds[(i, label)] / steps[i]:12.3f}" if steps[i] and self.calls[(i, label)] else
+                f"{'-':>12}" for i in range(len(names))))
+        return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     root = Path(__file__).resolve().parent.parent / "dflash_vllm" / "demo_pair"
@@ -127,11 +213,19 @@ def main() -> None:
                          "max_tokens x [1 - S, 1 + S] (seeded, the same in every engine), so a closed loop's "
                          "requests end apart and join one by one, as served traffic does (default 0: all "
                          "max_tokens, the bench's lockstep)")
+    ap.add_argument("--parts", action="store_true",
+                    help="also each engine's parts per engine step over the timed rounds (in one process)")
     args = ap.parse_args()
 
     from dflash_vllm import patches
 
     patches.apply_all()
+    parts = None
+    if args.parts:
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1":
+            raise SystemExit("--parts needs the engine cores in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+        parts = PartTimes()
+        parts.install()
     from vllm import LLM, SamplingParams
 
     from dflash_vllm.bench.runner import EXTRA_MODES, MODES, BenchConfig, engine_spec
@@ -194,6 +288,8 @@ def main() -> None:
         if c > 1:
             llm.generate(units[-1], warm, use_tqdm=False)
     names = list(engines)
+    if parts is not None:
+        parts.reset()  # the timed rounds only
     secs = {m: [0.0] * n for m in names}
     outs: dict[str, list] = {m: [None] * n for m in names}
     for r in range(args.rounds):
@@ -224,6 +320,8 @@ def main() -> None:
         if ctl is not None:
             print(f"{'':>12}drafting steps {ctl._drafting_steps}, retries held in lockstep {ctl.modes.held}; "
                   f"{ctl.describe()}")
+    if parts is not None:
+        print(parts.report(names))
 
 
 if __name__ == "__main__":
