@@ -122,12 +122,14 @@ RUNNER_PARTS = ("execute_model", "_model_forward", "_prepare_inputs", "_preproce
 
 
 class PartTimes:
-    """Seconds and calls per (engine, part): methods wrapped on their classes, each instance
-    numbered in the order it was built (one runner, scheduler and proposer per engine, built in
-    the order the engines are)."""
+    """Seconds and calls per (engine, part): methods wrapped on their classes, each runner,
+    scheduler and engine core numbered in the order it was built (one of each per engine, built in
+    the order the engines are); a proposer counts for its runner's engine. A call's time is taken
+    before its bookkeeping, so a wrapped call inside another adds only its clock reads to the outer
+    one."""
 
     def __init__(self):
-        self.order: dict[str, list[int]] = defaultdict(list)
+        self.order: dict[str, dict[int, int]] = defaultdict(dict)  # kind -> id(instance) -> engine
         self.seconds: dict[tuple[int, str], float] = defaultdict(float)
         self.calls: dict[tuple[int, str], int] = defaultdict(int)
 
@@ -136,14 +138,14 @@ class PartTimes:
 
         @functools.wraps(init)
         def __init__(obj, *args, **kwargs):
-            self.order[kind].append(id(obj))
+            built = self.order[kind]
+            built[id(obj)] = len(built)
             return init(obj, *args, **kwargs)
 
         cls.__init__ = __init__
 
     def _index(self, kind: str, obj) -> int:
-        ids = self.order[kind]
-        return ids.index(id(obj)) if id(obj) in ids else -1
+        return self.order[kind].get(id(obj), -1)
 
     def wrap(self, cls, name: str, label: str, index: Callable) -> None:
         fn = getattr(cls, name)
@@ -154,8 +156,9 @@ class PartTimes:
             try:
                 return fn(obj, *args, **kwargs)
             finally:
+                dt = time.perf_counter() - t
                 key = (index(obj), label)
-                self.seconds[key] += time.perf_counter() - t
+                self.seconds[key] += dt
                 self.calls[key] += 1
 
         setattr(cls, name, timed)
