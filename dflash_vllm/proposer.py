@@ -665,12 +665,14 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 sel = draft_select(hidden, self._lm_head_weight, use_triton=True)
                 return sel.token, sel.prob, None
             logits = self.model.compute_logits(hidden)
-            tokens = logits.argmax(dim=-1)  # exactly vLLM's greedy draft
+            # max's indices are argmax's (the first of equal maxima, for both), so the drafts are
+            # exactly vLLM's greedy ones; on CPU argmax over the vocabulary ran ~4x slower (bf16
+            # [28, 4,096]: 380 against 84 us, a drafting step at 4 requests)
             if not need_conf:
-                return tokens, None, None
+                return logits.max(dim=-1).indices, None, None
             logits = logits.float()  # p(argmax) = exp(max - logsumexp): no [N, V] softmax written
-            prob = torch.exp(logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-            return tokens, prob, None
+            top, tokens = logits.max(dim=-1)
+            return tokens, torch.exp(top - torch.logsumexp(logits, dim=-1)), None
         drafts, probs = self._sample_draft_tokens(hidden, sampling_metadata)
         return drafts, probs.gather(-1, drafts.long()[:, None]).squeeze(-1), probs
 

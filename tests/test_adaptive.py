@@ -9,6 +9,7 @@ from dflash_vllm.adaptive import (
     RequestFactors,
     StepCostModel,
     choose_draft_lengths,
+    choose_draft_lengths_rows,
     choose_requests,
     monotone_fit,
 )
@@ -158,6 +159,69 @@ def test_a_lone_drafting_request_sends_all_its_drafts():
     ctl = AdaptiveController(max_drafts=7, full_every=0, cut_from_reqs=1)
     ctl.step_cost.set_profile({1: 5e-3, 2: 10e-3, 8: 40e-3})
     assert ctl.cut(np.full((1, 7), 0.2), np.array([5])).tolist() == [0]
+
+
+def random_cut_case(rng):
+    """A calibrator that has learnt from random outcomes, a cost model with a random profile and
+    online steps, and a batch's confidences (some at bin edges), caps and drafting cost."""
+    k, r = int(rng.integers(1, 9)), int(rng.integers(1, 17))
+    cal = AcceptanceCalibrator(k, prior_strength=float(rng.choice([0.5, 4.0])))
+    n = int(rng.integers(0, 300))
+    if n:
+        cal.observe(rng.random((n, k)).astype(np.float32), rng.integers(0, k + 1, n), rng.integers(0, k + 1, n))
+    cost = StepCostModel()
+    cost.set_profile({int(t): 3e-3 + 1e-3 * rng.random() * t ** rng.uniform(0.5, 1.2)
+                      for t in rng.integers(1, 600, 6).tolist()})
+    for _ in range(int(rng.integers(0, 20))):
+        cost.observe(int(rng.integers(1, 200)), 3e-3 + 2e-4 * rng.random())
+    conf = rng.random((r, k)).astype(np.float32)
+    conf[rng.random((r, k)) < 0.2] = rng.choice([0.0, 0.5, 0.95, 1.0])
+    return cal, cost, conf, rng.integers(0, k + 1, r), float(rng.choice([0.0, 1e-3, 3e-3]) * rng.random())
+
+
+def test_the_plain_python_cut_gives_the_numpy_cut_exactly():
+    """``estimate_rows`` and ``choose_draft_lengths_rows`` (the cut of a few requests' drafts) are
+    the NumPy rule in plain Python: the same estimates to the bit and the same lengths."""
+    rng = np.random.default_rng(7)
+    for _ in range(500):
+        cal, cost, conf, caps, draft = random_cut_case(rng)
+        rows = cal.estimate_rows(conf.tolist())
+        assert np.array_equal(np.array(rows), cal.estimate(conf))
+        want = choose_draft_lengths(cal.estimate(conf), cost.cost, caps=caps, draft_cost=draft).tolist()
+        assert choose_draft_lengths_rows(rows, cost.cost_table, caps.tolist(), draft_cost=draft) == want
+    table = cost.cost_table(300)
+    assert len(table) > 300 and table[:301] == cost.cost(np.arange(301)).tolist()
+    # a draft that leaves the rate exactly as it was is not sent (the first maximum), in both
+    step = lambda n: np.where(np.asarray(n) <= 2, 2.0, 2.5)  # noqa: E731  2 tokens/2 s = 2.5/2.5 s
+    assert choose_draft_lengths(np.array([[0.5], [0.0]]), step).tolist() == [0, 0]
+    assert choose_draft_lengths_rows([[0.5], [0.0]], lambda n: step(np.arange(n + 1)).tolist(), [1, 1]) == [0, 0]
+    assert choose_draft_lengths_rows([[0.75], [0.0]], lambda n: step(np.arange(n + 1)).tolist(), [1, 1]) == [1, 0]
+
+
+def test_the_calibrators_list_tables_follow_what_it_learns():
+    cal = AcceptanceCalibrator(num_positions=2, prior_strength=1.0)
+    conf = [[0.9, 0.9]]
+    before = cal.estimate_rows(conf)
+    for _ in range(50):
+        cal.observe(np.array(conf), [2], [0])  # rejected every time
+    after = cal.estimate_rows(conf)
+    assert after[0][0] < 0.1 < before[0][0]
+    assert np.array_equal(np.array(after), cal.estimate(np.array(conf)))
+
+
+def test_the_controllers_cut_takes_either_path_to_the_same_lengths(monkeypatch):
+    import dflash_vllm.adaptive as adaptive
+
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        cal, cost, conf, caps, draft = random_cut_case(rng)
+        got = []
+        for most in (10_000, 0):  # plain Python, then NumPy
+            monkeypatch.setattr(adaptive, "ROWS_CUT_MAX_DRAFTS", most)
+            ctl = AdaptiveController(max_drafts=conf.shape[1], full_every=0)
+            ctl.calibrator, ctl.step_cost = cal, cost
+            got.append(ctl.cut(conf, caps, draft_seconds=draft))
+        assert got[0].dtype == got[1].dtype == np.int64 and got[0].tolist() == got[1].tolist()
 
 
 def test_plain_path_steps_are_not_points_of_the_speculative_step_cost():

@@ -62,3 +62,27 @@ def test_fuse_context_falls_back_to_the_module_when_the_op_fails(monkeypatch):
         assert stub._fused_norm is False  # asked once, then the module's path for good
         want = stub.hidden_norm(stub.fc(features)[0])
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("need_conf", [False, True])
+def test_greedy_drafts_are_the_argmax_on_tied_logits(dtype, need_conf):
+    """The proposer's greedy selection takes ``max(dim=-1).indices`` (a quarter of argmax's time on
+    CPU): on logits full of ties, the same tokens as vLLM's ``argmax`` (the first of equal maxima),
+    and with ``need_conf`` the softmax probability of each."""
+    from types import SimpleNamespace
+
+    from dflash_vllm.proposer import DFlashVllmProposer
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 3, (64, 4096), generator=g).to(dtype)
+    logits[5] = 2  # a row of equal logits: token 0
+    fake = SimpleNamespace(_enable_probabilistic_draft_probs=False, _use_draft_select=False,
+                           model=SimpleNamespace(compute_logits=lambda h: h))
+    tokens, prob, probs = DFlashVllmProposer._select(fake, logits, SimpleNamespace(all_greedy=True), need_conf)
+    assert torch.equal(tokens, logits.argmax(dim=-1)) and int(tokens[5]) == 0 and probs is None
+    if need_conf:
+        want = torch.softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(prob, want)
+    else:
+        assert prob is None
