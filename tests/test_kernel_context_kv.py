@@ -100,6 +100,11 @@ def test_kernel_writes_vllms_cpu_cache_layout(dtype, block, impl):
     ours = [_cpu_attention_layer(nb + 1, block, h, d, dtype) for _ in range(layers)]
     theirs = [_cpu_attention_layer(nb + 1, block, h, d, dtype) for _ in range(layers)]
     views = context_cache_views(ours)
+    if ours[0].isa not in ("vec", "vec16"):
+        # "amx" (bf16 at a block size divisible by 32, on CPUs with AMX tiles) packs K and V in a
+        # layout no strided view covers: refused, and the drafter keeps the backend's own write
+        assert views is None, f"views built for the {ours[0].isa} layout"
+        pytest.skip(f"vLLM's CPU cache layout for isa {ours[0].isa!r} is refused (checked); this CPU picks it")
     assert views is not None, f"no views for the CPU layout (isa {ours[0].isa})"
     assert all(torch.count_nonzero(a.kv_cache) == 0 for a in ours), "the probe restores block 0"
     IMPLS[impl](kv, w, 1e-6, cs, pos, slots, *views)
