@@ -392,8 +392,6 @@ def _locate_replay() -> None:
     mod = _coordinator_module()
     fn = getattr(mod, "replay_boundaries", None)
     _require(callable(fn), "replay-boundaries", "kv_cache_coordinator.replay_boundaries is gone")
-    if getattr(fn, "_dflash_vllm", False):
-        return
     params = list(inspect.signature(fn).parameters)
     _require(params == ["num_prompt_tokens", "scheduler_block_size", "use_eagle"], "replay-boundaries",
              f"replay_boundaries takes {params}")

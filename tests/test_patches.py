@@ -1,5 +1,6 @@
-"""The patches to vLLM, outside an engine: each applies in a fresh process, and the memoised
-``replay_boundaries`` answers as vLLM's own."""
+"""The patches to vLLM, outside an engine: all of them in effect after ``apply_all`` (whether this
+process applied them now or an earlier test did), and the memoised ``replay_boundaries`` answers as
+vLLM's own."""
 
 import itertools
 
