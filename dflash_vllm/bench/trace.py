@@ -3,7 +3,8 @@
 ``install(sink)`` wraps the model runner and the proposer so that every engine step yields one
 dict: its requests, tokens, new prompts and drafts verified, the step's cycle time (``dt``, start
 to next start) and its start (``t``, ``time.time()``), after a plain step whether the next one
-stays plain (``stayed_plain``) and whether the batch runs in lockstep (``lockstep``), the
+stays plain (``stayed_plain``), whether the batch runs in lockstep (``lockstep``) and each of
+its requests' tokens left to ``max_tokens`` (``left``, read apart from ``lockstep``), the
 mode choice's answer and the rates it saw (``prefer``, ``choice``; ``held``: the retries of drafting
 it held so far, the batch in lockstep), the requests the cost model
 chose (``chosen``: 0 is its veto), the drafts proposed, the backfill's time, and each cycle the
@@ -124,7 +125,8 @@ def install(sink: Callable[[dict], None]) -> None:
         streak = getattr(self, "_streak", None)
         in_streak = streak is not None and [id(streak), streak.steps - 1] == before_streak
         cur.update(stayed_plain=out, streak=in_streak,
-                   lockstep=None if ids is None else P.in_lockstep(self._runner, ids))
+                   lockstep=None if ids is None else P.in_lockstep(self._runner, ids),
+                   left=None if ids is None else tokens_left(self._runner, ids))
 
     _wrap(P.DFlashVllmProposer, "stay_plain", before=streak_before, after=stayed)
     _wrap(P.DFlashVllmProposer, "_backfill", after=lambda self, out, dt, *a, **k: cur.update(backfill_ms=dt * 1e3))
@@ -132,6 +134,21 @@ def install(sink: Callable[[dict], None]) -> None:
     _wrap(adaptive.PlainOrDraft, "prefer_draft", after=asked)
     _wrap(adaptive.FewRequests, "resume", after=lambda self, out, dt, *a, **k: cur.update(few=bool(out)))
     _wrap(adaptive.AdaptiveController, "_select", after=lambda self, out, dt, *a, **k: cur.update(chosen=int(out.sum())))
+
+
+def tokens_left(runner, req_ids: list[str]) -> list[int | None]:
+    """Each request's tokens left to its ``max_tokens``, read from the runner's request states (their
+    output token lists), apart from the input batch's counters ``in_lockstep`` reads; None for a
+    request without a ``max_tokens``."""
+    out = []
+    for rid in req_ids:
+        state = runner.requests.get(rid)
+        params = None if state is None else state.sampling_params
+        if params is None or params.max_tokens is None:
+            out.append(None)
+        else:
+            out.append(params.max_tokens - len(state.output_token_ids))
+    return out
 
 
 class FileSink:
