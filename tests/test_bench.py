@@ -308,6 +308,20 @@ def test_baseline_sync_is_plain_decoding_on_the_synchronous_scheduler(tmp_path):
     assert plugin["speculative_config"]["num_speculative_tokens"] == 7
 
 
+def test_malloc_modes_are_their_modes_with_glibcs_thresholds_in_the_engine_environment(tmp_path):
+    from dflash_vllm.bench.runner import GLIBC_MALLOC_ENV, BenchConfig, engine_spec
+
+    (tmp_path / "config.json").write_text('{"block_size": 8}')
+    cfg = BenchConfig(target="t", drafter=str(tmp_path), prompts=["p"], concurrency=[1])
+    for mode in ("baseline", "plugin"):
+        plain, tuned = engine_spec(cfg, mode), engine_spec(cfg, mode + "-malloc")
+        assert tuned["engine"] == plain["engine"] and tuned["jobs"] == plain["jobs"]
+        assert tuned["env"] == {**plain["env"], **GLIBC_MALLOC_ENV}
+        assert not set(GLIBC_MALLOC_ENV) & set(plain["env"])
+    assert "speculative_config" not in engine_spec(cfg, "baseline-malloc")["engine"]
+    assert int(GLIBC_MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) <= 32 << 20  # glibc's ceiling on 64-bit
+
+
 def test_soak_error_detail_names_the_transport_error_under_the_clients():
     from dflash_vllm.bench.soak import _cause_chain
 

