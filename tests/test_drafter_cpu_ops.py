@@ -86,3 +86,18 @@ def test_greedy_drafts_are_the_argmax_on_tied_logits(dtype, need_conf):
         torch.testing.assert_close(prob, want)
     else:
         assert prob is None
+
+
+def test_vllms_cpu_rms_norm_takes_the_first_row_of_a_per_layer_weight():
+    """Why vLLM's built-in DFlash drafts differently on CPU (README "Known limitations"): it norms
+    every draft layer's context K in one ``rms_norm`` call with the layers' k_norm weights stacked
+    ``[L, head_dim]``, and vLLM 0.32's CPU op applies row 0 to all of them. The plugin norms each
+    layer with its own weight (``context_kv``, tests/test_kernel_context_kv.py)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 2, 64, generator=g)  # [layers, tokens, kv heads, head_dim]
+    w = 1 + 0.2 * torch.randn(2, 64, generator=g)
+    out = torch.empty_like(x)
+    drafter_mod.ops.rms_norm(out, x, w, 1e-6)
+    normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(out, normed * w[0])
+    assert not torch.allclose(out[1], normed[1] * w[1], atol=1e-3)
