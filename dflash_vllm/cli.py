@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", default="baseline,builtin,plugin-fixed,plugin",
                        help="plugin-fixed: adaptive draft length off; plugin: the default (adaptive); on request, "
                             "baseline-sync: plain decoding on vLLM's synchronous scheduler (the one adaptive runs on; "
-                            "on CPU the same engine as baseline)")
+                            "on CPU the same engine as baseline); baseline-malloc, plugin-malloc: baseline and plugin "
+                            "with glibc malloc's mmap and trim thresholds raised in the engine's environment")
     bench.add_argument("--concurrency", default="1,4,16,64")
     bench.add_argument("--reps", type=int, default=5)
     bench.add_argument("--waves", type=int, default=4,
