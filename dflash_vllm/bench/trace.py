@@ -101,7 +101,7 @@ def install(sink: Callable[[dict], None]) -> None:
             cur["choice"] = {"draft": d[0], "spread": self.spread(d), "plain": pl[0], "new_text": new_text,
                              "yield": draft_yield,
                              "since": self._since.get(self.bucket(num_reqs), 0),
-                             "interval": self.explore_interval(*((d, pl) if pl[0] > d[0] else (pl, d)))}
+                             "interval": self.explore_interval(*((d, pl) if pl[0] > d[0] else (pl, d)), num_reqs)}
 
     fn = GPUModelRunner.execute_model
 
