@@ -110,6 +110,17 @@ def lockstep_end(runner, req_ids: list[str], slack: int = LOCKSTEP_SLACK) -> int
     return lo
 
 
+def joining(num_reqs: int, cad: CommonAttentionMetadata | None) -> bool:
+    """A step that also prefills, with at most half its requests prefilling: requests joining a
+    running batch (or prompt chunks). Its cycle is a cost of the running mode, as
+    ``AdaptiveController.close_cycle`` counts it. A batch mostly new is a new load (after an idle
+    engine, whose wait its cycle would hold): not a join."""
+    if cad is None:
+        return False
+    counts = np.diff(cad.query_start_loc_cpu[: num_reqs + 1].numpy())
+    return 2 * int(np.count_nonzero(counts > 1)) <= num_reqs
+
+
 class PlainStreak:
     """Plain decoding steps the controller said are sure to stay plain (``plain_horizon``): the
     proposer runs them without asking it, and accounts for them in one go when the streak ends
@@ -117,9 +128,10 @@ class PlainStreak:
     controller, the feature backlog), ~2% of a plain step at 16 requests on the 2-core CPU: the
     gap between an adaptive engine decoding plainly and a plain engine.
 
-    A streak holds while the steps decode (one token per request) and the batch keeps its size
-    bucket or, for a few requests' wait, a kept veto of the cost model and a held retry
-    (``req_ids`` set: a joining request is checked at once), its requests. Its steps are timed one
+    A streak of the measured rates holds while the batch keeps its size bucket, requests joining
+    or not (``joining``: a batch mostly new ends it); for a few requests' wait, a kept veto of the cost model and a held retry (``req_ids``
+    set: a joining request is checked at once) while the steps decode (one token per request) and
+    the batch keeps its requests. Its steps are timed one
     by one; a cycle over 5x the streak's mean so far (an idle engine) is left out of the rate.
 
     The feature backlog takes a streak step's features only if the ring will still hold them
@@ -156,6 +168,8 @@ class PlainStreak:
 
 class DFlashVllmProposer(SpecDecodeBaseProposer):
     """dflash-vllm's proposer; stands where vLLM builds its ``DFlashProposer``."""
+
+    _joining = staticmethod(joining)
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, runner=None):
         spec_config = vllm_config.speculative_config
@@ -434,7 +448,12 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         ctl = self.adaptive
         streak = self._streak
         if streak is not None:
-            if streak.left > 0 and num_tokens == num_reqs and self._streak_holds(streak, num_reqs):
+            # a streak of the measured rates holds through steps that also prefill (requests joining,
+            # a prompt's chunks) while the batch keeps its size bucket: out of lockstep under load,
+            # requests join every few steps, and each join asked the controller twice (its step and
+            # the next, which began a new streak)
+            if (streak.left > 0 and (num_tokens == num_reqs or (streak.req_ids is None and self._joining(num_reqs, cad)))
+                    and self._streak_holds(streak, num_reqs)):
                 streak.step(self._now(), num_reqs)
                 # only tokens still in the ring when the streak ends are worth its copy
                 if streak.record and self._backlog is not None and streak.left * num_reqs < self._backlog.capacity:
@@ -461,10 +480,10 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
         now = self._now()
         ctl.plain_step(now, num_reqs, num_tokens, req_ids)
         self._record(num_reqs, num_tokens, aux_hidden_states, positions, cad, req_ids)
-        if horizon > 0 and num_tokens == num_reqs:
+        if horizon > 0 and (num_tokens == num_reqs or kind == "rates"):
             # a few requests' wait, a kept veto, a held retry: the streak holds while the batch keeps
-            # its requests. A held batch's requests all end within a few steps of the streak's end,
-            # so their features would serve a few drafting steps at most: not copied.
+            # its requests (decoding). A held batch's requests all end within a few steps of the
+            # streak's end, so their features would serve a few drafting steps at most: not copied.
             self._streak = PlainStreak(horizon, num_reqs, now, None if kind == "rates" else req_ids,
                                        record=kind != "held")
         if not self.plain_steps:

@@ -34,7 +34,9 @@ retry of drafting starts when due even while the batch runs in lockstep, ``nofew
 ``nolone``) 1-4 requests' mode chosen by the pooled choice (not by ``FewRequests``), ``onlyone``
 ``FewRequests`` at 1 request only (as c2b892b's rule), ``lone08`` its one-request hysteresis at 0.8
 (before 0.7), ``trycut`` its tries of drafting cut by the cost model like any drafting step (before
-they sent every draft), ``hystNN`` its hysteresis at 2-4 requests at NN/100 (0.7 ships; 1.0 before).
+they sent every draft), ``quickcheck`` a mode judged on its first 8-15 cycles re-checked every <= 32
+steps however clearly it lost (before the ``clear_z`` rule), ``nojoin`` a streak of plain steps ends at
+every step that also prefills (before streaks held through requests joining), ``hystNN`` its hysteresis at 2-4 requests at NN/100 (0.7 ships; 1.0 before).
 
 ``--parts`` (in one process) also times each engine's parts per engine step, through the same
 interleaved work: the runner's phases (the target's forward pass among them), the scheduler, and
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import statistics
 import time
@@ -58,7 +61,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine cores in 
 import numpy as np  # noqa: E402
 
 ABLATIONS = ("cut1", "nocut", "noveto", "noplain", "forceplain", "notext", "nohigh", "nohold", "nofew", "nolone",
-             "onlyone", "lone08", "trycut")
+             "onlyone", "lone08", "trycut", "quickcheck", "nojoin")
 
 
 def _hyst(name: str) -> bool:
@@ -110,6 +113,10 @@ def ablate(proposer, ablations: list[str]) -> None:
             ctl.few.lone_hysteresis = 0.8
         elif name == "trycut":
             ctl.full_tries = False
+        elif name == "nojoin":  # a streak ends at every step that also prefills
+            proposer._joining = lambda num_reqs, cad: False
+        elif name == "quickcheck":  # no early judgement is clear: quick re-checks until 16 cycles are in
+            ctl.modes.clear_z = math.inf
         elif name == "noplain":
             ctl.modes.prefer_draft = lambda num_reqs, *args, **kwargs: True
         else:
