@@ -316,6 +316,23 @@ def test_a_streak_keeps_only_the_features_still_in_the_ring_when_it_ends():
     assert len(kept[True][1]) == 64
 
 
+def test_a_batch_in_lockstep_that_ends_before_its_streak_records_nothing():
+    """A streak of the measured rates longer than a batch in lockstep has left (its requests all
+    end together, before drafting could resume for them) copies none of its features; the same
+    streak over requests that end apart keeps the newest ones as usual."""
+    kept = {}
+    for lockstep in (True, False):
+        p = _settled_on_plain(16, True, capacity=8192)  # holds the streak's 400 steps x 16 tokens
+        p.adaptive.modes.explore_interval = lambda *a, **k: 400  # the next retry 400 steps away
+        left = [60] * 16 if lockstep else [60 + 50 * i for i in range(16)]
+        p._runner, _ = _lockstep_runner([3] * 16, [20] * 16, [3 + n for n in left])
+        assert _plain_run(p, 16, 50) == [True] * 50
+        assert p._streak is not None and p._streak.req_ids is None and p._streak.left > 300
+        kept[lockstep] = len(p._backlog)
+    assert kept[True] == 16, "the first step's tokens only (recorded before its streak began)"
+    assert kept[False] > 16
+
+
 def test_a_streak_reads_the_positions_only_of_the_steps_it_records():
     """The runner hands positions as a callable: a streak step that records nothing never reads
     them, and the backlog holds what it holds with positions handed as tensors."""
