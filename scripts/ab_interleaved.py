@@ -41,7 +41,8 @@ every step that also prefills (before streaks held through requests joining), ``
 ``--parts`` (in one process) also times each engine's parts per engine step, through the same
 interleaved work: the runner's phases (the target's forward pass among them), the scheduler, and
 the plugin's ``propose`` and ``stay_plain``. Engines then compare part by part under the same
-drift, which whole-run times of one engine after another cannot.
+drift, which whole-run times of one engine after another cannot. ``--parts-by-admit`` splits each
+part by whether its engine step admits a request (a step that also prefills) or only decodes.
 """
 
 from __future__ import annotations
@@ -135,10 +136,14 @@ class PartTimes:
     before its bookkeeping, so a wrapped call inside another adds only its clock reads to the outer
     one."""
 
-    def __init__(self):
+    def __init__(self, by_admit: bool = False):
         self.order: dict[str, dict[int, int]] = defaultdict(dict)  # kind -> id(instance) -> engine
         self.seconds: dict[tuple[int, str], float] = defaultdict(float)
         self.calls: dict[tuple[int, str], int] = defaultdict(int)
+        # by_admit: each part after the scheduler's split by whether the engine step admits a request
+        # (".admit") or not (".decode"), from what the last schedule() returned
+        self.by_admit = by_admit
+        self._step = ""
 
     def track(self, cls, kind: str) -> None:
         init = cls.__init__
@@ -160,13 +165,17 @@ class PartTimes:
         @functools.wraps(fn)  # keeps the plugin's patch markers (``_dflash_vllm``)
         def timed(obj, *args, **kwargs):
             t = time.perf_counter()
+            out = None
             try:
-                return fn(obj, *args, **kwargs)
+                out = fn(obj, *args, **kwargs)
+                return out
             finally:
                 dt = time.perf_counter() - t
-                key = (index(obj), label)
+                key = (index(obj), label + self._step if label != "sched.schedule" else label)
                 self.seconds[key] += dt
                 self.calls[key] += 1
+                if self.by_admit and label == "sched.schedule" and out is not None:
+                    self._step = ".admit" if out.scheduled_new_reqs else ".decode"
 
         setattr(cls, name, timed)
 
@@ -195,6 +204,14 @@ class PartTimes:
     def report(self, names: list[str]) -> str:
         steps = [self.calls[(i, "sched.schedule")] for i in range(len(names))]
         labels = sorted({label for _, label in self.seconds})
+        if self.by_admit:  # ms per call and calls: the two kinds of step differ in number
+            lines = ["ms per call (calls), split by whether the engine step admits a request:",
+                     f"{'part':<40}" + "".join(f"{n:>20}" for n in names)]
+            for label in labels:
+                lines.append(f"{label:<40}" + "".join(
+                    f"{1e3 * self.seconds[(i, label)] / self.calls[(i, label)]:12.3f} ({self.calls[(i, label)]:5d})"
+                    if self.calls[(i, label)] else f"{'-':>20}" for i in range(len(names))))
+            return "\n".join(lines)
         lines = [f"ms per engine step ({', '.join(f'{n} {s} steps' for n, s in zip(names, steps, strict=True))}):",
                  f"{'part':<36}" + "".join(f"{n:>12}" for n in names)]
         for label in labels:
@@ -225,6 +242,8 @@ def main() -> None:
                          "max_tokens, the bench's lockstep)")
     ap.add_argument("--parts", action="store_true",
                     help="also each engine's parts per engine step over the timed rounds (in one process)")
+    ap.add_argument("--parts-by-admit", action="store_true",
+                    help="with --parts: each part per call, split by whether the engine step admits a request")
     args = ap.parse_args()
 
     from dflash_vllm import patches
@@ -234,7 +253,7 @@ def main() -> None:
     if args.parts:
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1":
             raise SystemExit("--parts needs the engine cores in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
-        parts = PartTimes()
+        parts = PartTimes(by_admit=args.parts_by_admit)
         parts.install()
     from vllm import LLM, SamplingParams
 
