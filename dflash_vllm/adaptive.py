@@ -453,11 +453,11 @@ class PlainOrDraft:
     least ``explore_min``, at most ``explore_max``; at most ``4 * explore_min`` while the loser
     has fewer than ``2 * min_observations`` cycles, as an early judgement rests on few; above a few
     requests, not when its few already put it clearly behind: its rate plus ``clear_z`` standard
-    errors of its per-cycle rates still under the winner's, ``clearly_behind``). A close call is re-checked often and
-    cheaply, a clear loser rarely. Out of lockstep at 64 requests on CPU (``max_tokens`` 64-192),
-    drafting measured 0.4-0.7x the plain rate on its first 8 cycles there, and each quick re-check
-    (4 cycles of ~45 ms against ~11 ms plain steps, every 32 steps) cost ~20% of the time it
-    covered until drafting had 16 cycles: ~3% of a 30-second run.
+    errors of its per-cycle rates still under the winner's, ``clearly_behind``). A close call is
+    re-checked often and cheaply, a clear loser rarely. Out of lockstep at 64 requests on CPU
+    (``max_tokens`` 64-192), drafting measured 0.4-0.7x the plain rate on its first 8 cycles there,
+    and each quick re-check (4 cycles of ~45 ms against ~11 ms plain steps, every 32 steps) cost
+    ~20% of the time it covered until drafting had 16 cycles: ~3% of a 30-second run.
 
     Drafting's rate depends on the text, plain decoding's does not, and at a few requests
     (``turnover_max_reqs``) the batch's rate is one or a few texts'. There, when plain decoding wins

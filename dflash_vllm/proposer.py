@@ -129,9 +129,9 @@ class PlainStreak:
     gap between an adaptive engine decoding plainly and a plain engine.
 
     A streak of the measured rates holds while the batch keeps its size bucket, requests joining
-    or not (``joining``: a batch mostly new ends it); for a few requests' wait, a kept veto of the cost model and a held retry (``req_ids``
-    set: a joining request is checked at once) while the steps decode (one token per request) and
-    the batch keeps its requests. Its steps are timed one
+    or not (``joining``: a batch mostly new ends it); for a few requests' wait, a kept veto of the
+    cost model and a held retry (``req_ids`` set: a joining request is checked at once), while the
+    steps decode (one token per request) and the batch keeps its requests. Its steps are timed one
     by one; a cycle over 5x the streak's mean so far (an idle engine) is left out of the rate.
 
     The feature backlog takes a streak step's features only if the ring will still hold them
@@ -452,8 +452,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             # a prompt's chunks) while the batch keeps its size bucket: out of lockstep under load,
             # requests join every few steps, and each join asked the controller twice (its step and
             # the next, which began a new streak)
-            if (streak.left > 0 and (num_tokens == num_reqs or (streak.req_ids is None and self._joining(num_reqs, cad)))
-                    and self._streak_holds(streak, num_reqs)):
+            joins = num_tokens != num_reqs and streak.req_ids is None and self._joining(num_reqs, cad)
+            if streak.left > 0 and (num_tokens == num_reqs or joins) and self._streak_holds(streak, num_reqs):
                 streak.step(self._now(), num_reqs)
                 # only tokens still in the ring when the streak ends are worth its copy
                 if streak.record and self._backlog is not None and streak.left * num_reqs < self._backlog.capacity:
