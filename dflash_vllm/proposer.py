@@ -117,8 +117,12 @@ def joining(num_reqs: int, cad: CommonAttentionMetadata | None) -> bool:
     engine, whose wait its cycle would hold): not a join."""
     if cad is None:
         return False
-    counts = np.diff(cad.query_start_loc_cpu[: num_reqs + 1].numpy())
-    return 2 * int(np.count_nonzero(counts > 1)) <= num_reqs
+    return 2 * int(np.count_nonzero(query_counts(cad, num_reqs) > 1)) <= num_reqs
+
+
+def query_counts(cad: CommonAttentionMetadata, num_reqs: int) -> np.ndarray:
+    """[R] tokens each request has in the step (batch order)."""
+    return np.diff(cad.query_start_loc_cpu[: num_reqs + 1].numpy())
 
 
 class PlainStreak:
@@ -484,8 +488,8 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
             # a few requests' wait, a kept veto, a held retry: the streak holds while the batch keeps
             # its requests (decoding). A held batch's requests all end within a few steps of the
             # streak's end, so their features would serve a few drafting steps at most: not copied.
-            self._streak = PlainStreak(horizon, num_reqs, now, None if kind == "rates" else req_ids,
-                                       record=kind != "held" and not (kind == "rates" and self._ends_first(req_ids, horizon)))
+            record = kind != "held" and not (kind == "rates" and self._ends_first(req_ids, horizon))
+            self._streak = PlainStreak(horizon, num_reqs, now, None if kind == "rates" else req_ids, record=record)
         if not self.plain_steps:
             logger.info("dflash-vllm: drafting does not pay at %d requests: plain decoding steps until it "
                         "does (re-measured now and then)", num_reqs)
@@ -526,7 +530,7 @@ class DFlashVllmProposer(SpecDecodeBaseProposer):
                 self._ones = np.ones(num_reqs, dtype=np.int64)
             counts = self._ones
         else:
-            counts = np.diff(cad.query_start_loc_cpu[: num_reqs + 1].numpy())
+            counts = query_counts(cad, num_reqs)
         self._backlog.record(aux_hidden_states, positions, req_ids, counts, num_tokens)
 
     def _draft_after_plain(self, num_reqs: int, req_ids: list[str] | None) -> bool:
